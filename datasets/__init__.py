@@ -1,0 +1,1 @@
+"""Dataset registry, the HDF5 data format, and the bundled sample."""

@@ -1,0 +1,72 @@
+"""Classifier builders, made only of ops.py layers.
+
+Every builder ends in global average pooling, so one network serves 28, 32 and 64 px inputs, and
+returns logits. `build_model` picks one by its `--model` name.
+"""
+import keras
+
+import ops
+
+MODELS = ("conv", "resnet", "resnet20")
+
+
+def default_model(image_size):
+    """The 2018 small-image net for 28-32 px sets, the residual net for 64 px and larger."""
+    return "conv" if image_size <= 32 else "resnet"
+
+
+def build_model(name, input_shape, num_classes, norm_type, groups=32, weight_std=False,
+                dropout=0.5):
+    """The `--model` network for images of `input_shape` (H, W, C); raises ValueError on a bad
+    name or on a channel count that `groups` does not divide."""
+    builders = {"conv": conv_net, "resnet": resnet, "resnet20": resnet20}
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    inputs = keras.Input(shape=input_shape, name="images")
+    logits = builders[name](inputs, num_classes, norm_type, groups, weight_std, dropout)
+    return keras.Model(inputs, logits, name=name)
+
+
+def conv_net(x, num_classes, norm_type, groups, weight_std, dropout):
+    """The 2018 small-image net: four 4x4 stride-2 convs (64-512 channels), each followed by
+    leaky ReLU(0.2), the norm and dropout; then fully connected 512, 128, 32, n without norm."""
+    for i, filters in enumerate((64, 128, 256, 512)):
+        x = ops.conv2d(x, filters, kernel_size=4, strides=2, weight_std=weight_std, use_bias=True,
+                       name=f"conv{i}")
+        x = keras.layers.LeakyReLU(0.2, name=f"conv{i}_act")(x)
+        x = ops.norm(x, norm_type, groups, name=f"conv{i}_norm")
+        x = keras.layers.Dropout(dropout, name=f"conv{i}_dropout")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    for i, units in enumerate((512, 128, 32)):
+        x = ops.fc(x, units, name=f"fc{i}")
+        x = keras.layers.LeakyReLU(0.2, name=f"fc{i}_act")(x)
+    return ops.fc(x, num_classes, name="logits")
+
+
+def resnet(x, num_classes, norm_type, groups, weight_std, dropout):
+    """The 2018 ImageNet-style net: five stride-2 conv-norm-ReLU stages of 64, 128, 256, 512 and
+    1024 channels, followed by 0, 2, 3, 5 and 2 residual blocks; global pool; fc."""
+    for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512, 1024), (0, 2, 3, 5, 2))):
+        x = ops.conv_norm_act(x, filters, norm_type, groups, weight_std, strides=2,
+                              kernel_size=7 if stage == 0 else 3, name=f"stage{stage}")
+        for block in range(blocks):
+            x = ops.residual_block(x, filters, norm_type, groups, weight_std,
+                                   name=f"stage{stage}_block{block}")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    return ops.fc(x, num_classes, name="logits")
+
+
+def resnet20(x, num_classes, norm_type, groups, weight_std, dropout):
+    """ResNet-20 of He et al. 2016 for CIFAR: a 3x3 conv of 16 channels, then three stages of
+    three basic blocks (16, 32, 64 channels; the 2nd and 3rd stages start with stride 2); global
+    pool; fc. Shortcuts that change shape are 1x1 conv + norm. `dropout` is not used: the
+    original has none."""
+    x = ops.conv_norm_act(x, 16, norm_type, groups, weight_std, name="stem")
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            strides = 2 if stage > 0 and block == 0 else 1
+            x = ops.residual_block(x, filters, norm_type, groups, weight_std, strides=strides,
+                                   name=f"stage{stage}_block{block}")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return ops.fc(x, num_classes, name="logits")

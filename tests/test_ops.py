@@ -1,0 +1,557 @@
+"""Tests for the normalization layers and model-building helpers in ops.py.
+
+GroupNorm is checked against a plain NumPy reference (forward and analytic backward), against
+keras.layers.GroupNormalization, for batch independence, under float16 / bfloat16 policies, and
+for serialization. Conv2D with weight_std is checked against a Conv2D with a kernel standardized in NumPy.
+"""
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ops
+
+EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy reference (float64)
+# ----------------------------------------------------------------------------------------------
+
+def _grouped(a, groups):
+    """[N, ..., C] -> [N, M, G, C/G] where M is the product of the dims between N and C."""
+    n, c = a.shape[0], a.shape[-1]
+    return a.reshape(n, -1, groups, c // groups)
+
+
+def np_group_norm(x, gamma, beta, groups, eps=EPS):
+    """Forward pass: returns (y, xhat, rstd), xhat and rstd in the grouped layout."""
+    x = np.asarray(x, np.float64)
+    xg = _grouped(x, groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (xg - mean) * rstd
+    c = x.shape[-1]
+    gamma_g = np.asarray(gamma, np.float64).reshape(groups, c // groups)
+    beta_g = np.asarray(beta, np.float64).reshape(groups, c // groups)
+    y = xhat * gamma_g + beta_g
+    return y.reshape(x.shape), xhat, rstd
+
+
+def np_group_norm_backward(x, gamma, dy, groups, eps=EPS):
+    """Analytic GN backward for upstream gradient dy: returns (dx, dgamma, dbeta).
+
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * gamma, means over a group.
+    A group of one element has xhat = 0 and g - mean(g) = 0, so its dx is 0, as it should be.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    c = x.shape[-1]
+    _, xhat, rstd = np_group_norm(x, np.ones(c), np.zeros(c), groups, eps)
+    dyg = _grouped(dy, groups)
+    gamma_g = np.asarray(gamma, np.float64).reshape(groups, c // groups)
+    g = dyg * gamma_g
+    dx = rstd * (g - g.mean(axis=(1, 3), keepdims=True)
+                 - xhat * (g * xhat).mean(axis=(1, 3), keepdims=True))
+    dgamma = (dyg * xhat).sum(axis=(0, 1)).reshape(c)
+    dbeta = dyg.sum(axis=(0, 1)).reshape(c)
+    return dx.reshape(x.shape), dgamma, dbeta
+
+
+def _random_input(rng, shape, loc=2.0, scale=3.0):
+    """Input with non-zero mean and non-unit scale, plus a per-channel offset."""
+    c = shape[-1]
+    x = scale * rng.standard_normal(shape) + loc + rng.uniform(-1.0, 1.0, size=c)
+    return x.astype(np.float32)
+
+
+def _random_affine(rng, c):
+    gamma = rng.uniform(0.5, 1.5, size=c) * rng.choice([-1.0, 1.0], size=c)
+    beta = rng.uniform(-1.0, 1.0, size=c)
+    return gamma.astype(np.float32), beta.astype(np.float32)
+
+
+def _make_gn(groups, shape, gamma, beta, **kwargs):
+    layer = ops.GroupNorm(groups=groups, epsilon=EPS, **kwargs)
+    layer.build(tuple(shape))
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check of the reference: the analytic backward equals central finite differences of the
+# forward, so a wrong reference cannot make a wrong layer pass.
+# ----------------------------------------------------------------------------------------------
+
+def test_reference_backward_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    shape, groups = (2, 3, 4), 2
+    x = rng.standard_normal(shape) * 2 + 1
+    gamma = rng.uniform(0.5, 1.5, size=4)
+    beta = rng.uniform(-1, 1, size=4)
+    dy = rng.standard_normal(shape)
+    dx, dgamma, dbeta = np_group_norm_backward(x, gamma, dy, groups)
+
+    def loss(x_, gamma_, beta_):
+        return float((np_group_norm(x_, gamma_, beta_, groups)[0] * dy).sum())
+
+    h = 1e-6
+    args = [x, gamma, beta]
+    for i, grad in enumerate((dx, dgamma, dbeta)):
+        num = np.zeros_like(args[i])
+        for idx in np.ndindex(args[i].shape):
+            plus, minus = list(args), list(args)
+            plus[i], minus[i] = args[i].copy(), args[i].copy()
+            plus[i][idx] += h
+            minus[i][idx] -= h
+            num[idx] = (loss(*plus) - loss(*minus)) / (2 * h)
+        np.testing.assert_allclose(grad, num, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# GroupNorm forward and gradients vs the NumPy reference
+# ----------------------------------------------------------------------------------------------
+
+GN_CASES = [
+    pytest.param((2, 7, 7, 64), 32, id="nhwc64_g32"),
+    pytest.param((1, 1, 1, 32), 32, id="one_element_groups"),
+    pytest.param((3, 5, 5, 12), 4, id="nhwc12_g4"),
+    pytest.param((4, 64), 8, id="rank2"),
+    pytest.param((2, 4, 4, 4, 16), 4, id="rank5"),
+    pytest.param((2, 5, 5, 8), 1, id="layer_norm_g1"),
+    pytest.param((2, 5, 5, 8), 8, id="instance_norm_gC"),
+]
+
+
+@pytest.mark.parametrize("shape,groups", GN_CASES)
+def test_group_norm_forward_and_gradients_match_numpy(shape, groups):
+    rng = np.random.default_rng([groups, *shape])
+    c = shape[-1]
+    x = _random_input(rng, shape)
+    gamma, beta = _random_affine(rng, c)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    layer = _make_gn(groups, shape, gamma, beta)
+
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+        loss = tf.reduce_sum(y * dy)
+    dx, dgamma, dbeta = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+
+    y_ref, _, _ = np_group_norm(x, gamma, beta, groups)
+    dx_ref, dgamma_ref, dbeta_ref = np_group_norm_backward(x, gamma, dy, groups)
+
+    assert y.dtype == tf.float32 and tuple(y.shape) == shape
+    assert np.max(np.abs(y.numpy() - y_ref)) <= 1e-4
+    assert np.max(np.abs(dx.numpy() - dx_ref)) <= 1e-4
+    assert np.max(np.abs(dgamma.numpy() - dgamma_ref)) <= 1e-4
+    assert np.max(np.abs(dbeta.numpy() - dbeta_ref)) <= 1e-4
+
+    if shape == (1, 1, 1, 32):
+        # One element per group: variance 0, the output is beta and dx vanishes. The layer folds
+        # the statistics into y = x * s + (beta - mean * s) with s = gamma / sqrt(eps) ~ 300, so
+        # float32 rounding of x * s (~1e3) limits this to ~1e-4, not to float32 epsilon.
+        np.testing.assert_allclose(y.numpy().reshape(-1), beta, rtol=0, atol=1e-4)
+        assert np.max(np.abs(dx.numpy())) <= 1e-4
+    else:
+        # The normalization really happened: per-group statistics of (y - beta) / gamma are 0 / 1.
+        xhat = _grouped((y.numpy() - beta) / gamma, groups)
+        np.testing.assert_allclose(xhat.mean(axis=(1, 3)), 0.0, atol=1e-4)
+        np.testing.assert_allclose(xhat.var(axis=(1, 3)), 1.0, atol=1e-3)
+
+
+def test_group_norm_without_center_and_scale():
+    rng = np.random.default_rng(1)
+    shape = (2, 4, 4, 8)
+    x = _random_input(rng, shape)
+    layer = ops.GroupNorm(groups=2, epsilon=EPS, center=False, scale=False)
+    y = layer(x).numpy()
+    assert layer.trainable_weights == []
+    y_ref, _, _ = np_group_norm(x, np.ones(8), np.zeros(8), 2)
+    assert np.max(np.abs(y - y_ref)) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with keras.layers.GroupNormalization
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 6, 16), 4), ((3, 32), 8), ((2, 5, 5, 8), 1)])
+def test_group_norm_matches_keras_group_normalization(shape, groups):
+    rng = np.random.default_rng(2)
+    x = _random_input(rng, shape)
+    gamma, beta = _random_affine(rng, shape[-1])
+    ours = _make_gn(groups, shape, gamma, beta)
+    theirs = keras.layers.GroupNormalization(groups=groups, epsilon=EPS)
+    theirs.build(shape)
+    theirs.set_weights([gamma, beta])
+    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch independence
+# ----------------------------------------------------------------------------------------------
+
+def test_group_norm_is_batch_independent_and_batch_norm_is_not():
+    rng = np.random.default_rng(3)
+    shape = (8, 6, 6, 16)
+    # Examples with different means and scales, so batch statistics differ from one example's.
+    x = (_random_input(rng, shape)
+         * rng.uniform(0.5, 3.0, size=(8, 1, 1, 1))
+         + rng.uniform(-5, 5, size=(8, 1, 1, 1))).astype(np.float32)
+    gamma, beta = _random_affine(rng, 16)
+
+    gn = _make_gn(4, shape, gamma, beta)
+    alone = gn(x[:1]).numpy()
+    in_batch = gn(x).numpy()[:1]
+    np.testing.assert_allclose(alone, in_batch, rtol=0, atol=1e-6)
+
+    bn = keras.layers.BatchNormalization(epsilon=EPS)
+    bn.build(shape)
+    bn.gamma.assign(gamma)
+    bn.beta.assign(beta)
+    bn_alone = bn(x[:1], training=True).numpy()
+    bn_in_batch = bn(x, training=True).numpy()[:1]
+    assert not np.allclose(bn_alone, bn_in_batch, rtol=0, atol=1e-6)
+    assert np.max(np.abs(bn_alone - bn_in_batch)) > 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Low precision
+# ----------------------------------------------------------------------------------------------
+
+# Tolerances: outputs are gamma * xhat + beta with |gamma| <= 1.5, |beta| <= 1, |xhat| <~ 4, so
+# |y| < ~8. float16 has an 11-bit significand: rounding the output costs at most 2**-11 * 8 ~ 4e-3,
+# and the float16-rounded gamma (autocast of the variable) another ~8 * 2**-11 ~ 4e-3 -> 1e-2.
+# bfloat16 has an 8-bit significand: 2**-8 * 8 ~ 3e-2 for the output rounding plus the same again
+# for a bfloat16-rounded gamma in the worst case; the bulk of |y| is < 4 so 5e-2 holds, and a
+# relative term covers the tail.
+LOW_PRECISION = [
+    pytest.param("mixed_float16", tf.float16, np.float16, 1e-2, 0.0, id="float16"),
+    pytest.param("mixed_bfloat16", tf.bfloat16, None, 5e-2, 1e-2, id="bfloat16"),
+]
+
+
+@pytest.mark.parametrize("policy,tf_dtype,np_dtype,atol,rtol", LOW_PRECISION)
+def test_group_norm_low_precision(policy, tf_dtype, np_dtype, atol, rtol):
+    rng = np.random.default_rng(4)
+    shape, groups = (2, 8, 8, 32), 8
+    x32 = (1e3 * rng.standard_normal(shape) + 500).astype(np.float32)
+    x_low = tf.cast(tf.constant(x32), tf_dtype)
+    x_low_as32 = tf.cast(x_low, tf.float32).numpy()  # the same values the low-precision layer sees
+    gamma, beta = _random_affine(rng, 32)
+
+    if np_dtype is not None:
+        # The naive float16 computation overflows: squares of ~1e3 exceed float16's max (65504).
+        with np.errstate(over="ignore"):
+            naive = np.sum(np.square(x_low.numpy()), dtype=np.float16)
+        assert np.isinf(naive)
+    else:
+        # bfloat16 has float32's range but only 8 significand bits: summing the squares in it
+        # loses the variance entirely against the float32 result.
+        sq = tf.square(x_low)
+        naive = tf.reduce_sum(sq).numpy().astype(np.float64)
+        exact = np.sum(x_low_as32.astype(np.float64) ** 2)
+        assert abs(naive - exact) / exact > 1e-3
+
+    low = _make_gn(groups, shape, gamma, beta, dtype=policy)
+    assert low.compute_dtype == tf_dtype.name
+    assert low.gamma.dtype == "float32" and low.beta.dtype == "float32"
+    y_low = low(x_low)
+    assert y_low.dtype == tf_dtype
+    y_low = tf.cast(y_low, tf.float32).numpy()
+    assert np.all(np.isfinite(y_low))
+
+    ref32 = _make_gn(groups, shape, gamma, beta)(x_low_as32).numpy()
+    y_np, _, _ = np_group_norm(x_low_as32, gamma, beta, groups)
+    assert np.max(np.abs(ref32 - y_np)) <= 1e-4
+    np.testing.assert_allclose(y_low, ref32, rtol=rtol, atol=atol)
+
+
+def test_mixed_float16_layer_casts_float32_inputs():
+    rng = np.random.default_rng(5)
+    x = (1e3 * rng.standard_normal((2, 4, 4, 8)) + 500).astype(np.float32)
+    layer = ops.GroupNorm(groups=2, dtype="mixed_float16")
+    y = layer(x)
+    assert y.dtype == tf.float16
+    assert np.all(np.isfinite(y.numpy()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def test_channels_not_divisible_by_groups_raises_naming_c_and_g():
+    layer = ops.GroupNorm(groups=5)
+    with pytest.raises(ValueError) as info:
+        layer(np.zeros((2, 4, 4, 12), np.float32))
+    message = str(info.value)
+    assert re.search(r"\b12\b", message), message
+    assert re.search(r"\b5\b", message), message
+
+
+@pytest.mark.parametrize("groups", [0, -1])
+def test_non_positive_groups_raise(groups):
+    with pytest.raises(ValueError):
+        ops.GroupNorm(groups=groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# norm_layer
+# ----------------------------------------------------------------------------------------------
+
+def test_norm_types_constant():
+    assert set(ops.NORM_TYPES) == {"batch", "sync_batch", "group", "layer", "instance", "none"}
+
+
+@pytest.mark.parametrize("norm_type", ops.NORM_TYPES)
+def test_norm_layer_returns_expected_layer(norm_type):
+    channels, groups = 16, 4
+    layer = ops.norm_layer(norm_type, channels, groups=groups, name=f"n_{norm_type}")
+    assert layer.name == f"n_{norm_type}"
+    x = _random_input(np.random.default_rng(6), (2, 3, 3, channels))
+    if norm_type in ("batch", "sync_batch"):
+        assert isinstance(layer, keras.layers.BatchNormalization)
+        assert layer.synchronized is (norm_type == "sync_batch")
+    elif norm_type == "none":
+        assert not isinstance(layer, (ops.GroupNorm, keras.layers.BatchNormalization))
+        np.testing.assert_array_equal(np.asarray(layer(x)), x)
+    else:
+        assert isinstance(layer, ops.GroupNorm)
+        expected = {"group": groups, "layer": 1, "instance": channels}[norm_type]
+        assert layer.groups == expected
+        y_ref, _, _ = np_group_norm(x, np.ones(channels), np.zeros(channels), expected,
+                                    layer.epsilon)
+        assert np.max(np.abs(layer(x).numpy() - y_ref)) <= 1e-4
+
+
+def test_norm_layer_unknown_type_names_choices():
+    with pytest.raises(ValueError) as info:
+        ops.norm_layer("weird", 16)
+    message = str(info.value)
+    assert "weird" in message
+    for choice in ops.NORM_TYPES:
+        assert choice in message
+
+
+def test_norm_applies_layer_sized_for_input():
+    x = keras.Input(shape=(4, 4, 12))
+    y = ops.norm(x, "instance", name="inst")
+    model = keras.Model(x, y)
+    assert model.get_layer("inst").groups == 12
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialization
+# ----------------------------------------------------------------------------------------------
+
+def _small_model():
+    inputs = keras.Input(shape=(8, 8, 3))
+    x = ops.Conv2D(16, 3, weight_std=True, use_bias=False, ws_epsilon=1e-4, name="wsconv")(inputs)
+    x = ops.GroupNorm(groups=4, epsilon=1e-3, name="gn")(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(7)
+    gamma, beta = _random_affine(rng, 16)
+    model.get_layer("gn").gamma.assign(gamma)
+    model.get_layer("gn").beta.assign(beta)
+    return model
+
+
+def _check_restored(model, restored, x):
+    gn = restored.get_layer("gn")
+    assert isinstance(gn, ops.GroupNorm)
+    assert gn.groups == 4 and gn.epsilon == 1e-3
+    ws = restored.get_layer("wsconv")
+    assert isinstance(ws, ops.Conv2D) and ws.weight_std and ws.ws_epsilon == 1e-4
+    np.testing.assert_array_equal(restored(x).numpy(), model(x).numpy())
+
+
+def test_model_survives_get_config_from_config():
+    model = _small_model()
+    x = _random_input(np.random.default_rng(8), (3, 8, 8, 3))
+    restored = keras.Model.from_config(model.get_config())
+    restored.set_weights(model.get_weights())
+    _check_restored(model, restored, x)
+
+
+def test_model_survives_keras_save_load(tmp_path):
+    model = _small_model()
+    x = _random_input(np.random.default_rng(9), (3, 8, 8, 3))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    _check_restored(model, restored, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unknown batch dimension
+# ----------------------------------------------------------------------------------------------
+
+def test_functional_model_with_none_batch():
+    inputs = keras.Input(shape=(8, 8, 64))
+    assert inputs.shape[0] is None
+    gn = ops.GroupNorm(groups=32, name="gn")
+    model = keras.Model(inputs, gn(inputs))
+    rng = np.random.default_rng(10)
+    gamma, beta = _random_affine(rng, 64)
+    gn.gamma.assign(gamma)
+    gn.beta.assign(beta)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 64], tf.float32)])
+    def serve(x):
+        return model(x)
+
+    for batch in (1, 5):
+        x = _random_input(rng, (batch, 8, 8, 64))
+        y_ref, _, _ = np_group_norm(x, gamma, beta, 32)
+        y_eager = model(x).numpy()
+        y_graph = serve(tf.constant(x)).numpy()
+        assert y_eager.shape == y_graph.shape == (batch, 8, 8, 64)
+        assert np.max(np.abs(y_eager - y_ref)) <= 1e-4
+        assert np.max(np.abs(y_graph - y_ref)) <= 1e-4
+    assert serve.get_concrete_function().structured_outputs.shape.as_list() == [None, 8, 8, 64]
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv2D: weight standardization and the patches path for small maps
+# ----------------------------------------------------------------------------------------------
+
+def _np_standardize(kernel, eps):
+    kernel = kernel.astype(np.float64)
+    mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
+    var = ((kernel - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
+    return ((kernel - mean) / np.sqrt(var + eps)).astype(np.float32)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_ws_conv2d_equals_conv2d_with_standardized_kernel(strides):
+    rng = np.random.default_rng(11)
+    x = _random_input(rng, (2, 9, 9, 6), loc=0.5, scale=1.0)
+    # A kernel far from standardized: non-zero per-filter means and scales.
+    kernel = (rng.standard_normal((3, 3, 6, 8)) * rng.uniform(0.05, 2.0, size=8)
+              + rng.uniform(-1.0, 1.0, size=8)).astype(np.float32)
+
+    ws = ops.Conv2D(8, 3, strides=strides, weight_std=True, use_bias=False)
+    ws.build(x.shape)
+    ws.kernel.assign(kernel)
+    plain = keras.layers.Conv2D(8, 3, strides=strides, padding="same", use_bias=False)
+    plain.build(x.shape)
+    plain.kernel.assign(_np_standardize(kernel, ws.ws_epsilon))
+
+    y_ws = ws(x).numpy()
+    np.testing.assert_allclose(y_ws, plain(x).numpy(), rtol=1e-5, atol=1e-4)
+    # The stored kernel is the raw one; standardization happens in the forward pass only.
+    np.testing.assert_array_equal(ws.kernel.numpy(), kernel)
+    plain.kernel.assign(kernel)
+    assert not np.allclose(y_ws, plain(x).numpy(), atol=1e-2)
+
+
+@pytest.mark.parametrize("size, kernel_size, strides", [(4, 4, 2), (3, 4, 2), (2, 3, 1), (4, 3, 2),
+                                                      (2, (3, 2), (1, 2))])
+def test_conv2d_on_small_maps_equals_keras_conv2d_with_gradients(size, kernel_size, strides):
+    """Maps no larger than the kernel take the patches @ kernel path; it must give Keras's
+    'same'-padded convolution and its gradients."""
+    rng = np.random.default_rng(13)
+    x = tf.constant(_random_input(rng, (3, size, size, 5), loc=0.3, scale=1.0))
+    ours = ops.Conv2D(7, kernel_size, strides=strides, use_bias=True)
+    ours.build(x.shape)
+    plain = keras.layers.Conv2D(7, kernel_size, strides=strides, padding="same", use_bias=True)
+    plain.build(x.shape)
+    plain.set_weights([rng.standard_normal(ours.kernel.shape).astype(np.float32),
+                       rng.standard_normal(7).astype(np.float32)])
+    ours.set_weights(plain.get_weights())
+    dy = tf.constant(rng.standard_normal(plain(x).shape).astype(np.float32))
+    results = []
+    for layer in (ours, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * dy)
+        results.append([y] + tape.gradient(loss, [x, layer.kernel, layer.bias]))
+    for got, want in zip(*results):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# conv_norm_act and residual_block
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm_type", ["group", "batch"])
+@pytest.mark.parametrize("weight_std", [False, True])
+def test_conv_norm_act_shapes_and_layers(norm_type, weight_std):
+    inputs = keras.Input(shape=(8, 8, 16))
+    y = ops.conv_norm_act(inputs, 32, norm_type, groups=8, weight_std=weight_std, strides=2,
+                          name="u")
+    model = keras.Model(inputs, y)
+    assert tuple(y.shape) == (None, 4, 4, 32)
+    conv = model.get_layer("u_conv")
+    assert isinstance(conv, ops.Conv2D) and conv.weight_std == weight_std
+    assert conv.use_bias is False
+    assert tuple(conv.kernel.shape) == (3, 3, 16, 32)
+    norm_cls = ops.GroupNorm if norm_type == "group" else keras.layers.BatchNormalization
+    assert isinstance(model.get_layer("u_norm"), norm_cls)
+    out = model(np.random.default_rng(12).standard_normal((2, 8, 8, 16)).astype(np.float32))
+    assert out.shape == (2, 4, 4, 32)
+    assert np.all(out.numpy() >= 0)  # relu
+
+
+def test_conv_norm_act_without_norm_uses_bias_and_no_activation():
+    inputs = keras.Input(shape=(8, 8, 16))
+    y = ops.conv_norm_act(inputs, 8, "none", groups=8, weight_std=False, activation=None,
+                          name="u")
+    model = keras.Model(inputs, y)
+    assert model.get_layer("u_conv").use_bias is True
+    assert all(layer.name != "u_act" for layer in model.layers)
+
+
+@pytest.mark.parametrize("norm_type", ["group", "batch"])
+@pytest.mark.parametrize(
+    "in_channels,filters,strides,expect_projection,out_hw",
+    [
+        (16, 16, 1, False, 8),
+        (16, 16, 2, True, 4),
+        (16, 32, 1, True, 8),
+        (16, 32, 2, True, 4),
+    ],
+)
+def test_residual_block_shapes(norm_type, in_channels, filters, strides, expect_projection,
+                               out_hw):
+    inputs = keras.Input(shape=(8, 8, in_channels))
+    y = ops.residual_block(inputs, filters, norm_type, groups=8, strides=strides, name="blk")
+    model = keras.Model(inputs, y)
+    assert tuple(y.shape) == (None, out_hw, out_hw, filters)
+    names = {layer.name for layer in model.layers}
+    assert ("blk_shortcut_conv" in names) is expect_projection
+    if expect_projection:
+        sc = model.get_layer("blk_shortcut_conv")
+        assert tuple(sc.kernel.shape) == (1, 1, in_channels, filters)
+        assert sc.strides == (strides, strides)
+    assert tuple(model.get_layer("blk_a_conv").kernel.shape) == (3, 3, in_channels, filters)
+    assert model.get_layer("blk_a_conv").strides == (strides, strides)
+    assert tuple(model.get_layer("blk_b_conv").kernel.shape) == (3, 3, filters, filters)
+    norm_cls = ops.GroupNorm if norm_type == "group" else keras.layers.BatchNormalization
+    assert isinstance(model.get_layer("blk_a_norm"), norm_cls)
+    out = model(np.random.default_rng(13).standard_normal((2, 8, 8, in_channels))
+                .astype(np.float32)).numpy()
+    assert out.shape == (2, out_hw, out_hw, filters)
+    assert np.all(out >= 0)
+
+
+def test_identity_residual_block_adds_input():
+    """With the second unit's norm zeroed (gamma = beta = 0) the block is relu(x)."""
+    inputs = keras.Input(shape=(6, 6, 16))
+    y = ops.residual_block(inputs, 16, "group", groups=4, name="blk")
+    model = keras.Model(inputs, y)
+    norm_b = model.get_layer("blk_b_norm")
+    norm_b.gamma.assign(np.zeros(16, np.float32))
+    norm_b.beta.assign(np.zeros(16, np.float32))
+    x = np.random.default_rng(14).standard_normal((2, 6, 6, 16)).astype(np.float32)
+    np.testing.assert_allclose(model(x).numpy(), np.maximum(x, 0), atol=1e-6)

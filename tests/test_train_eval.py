@@ -1,0 +1,238 @@
+"""trainer.py and evaler.py end to end on the bundled sample: run directory, TensorBoard scalars,
+checkpoints that continue the full state, evaluation, and the one-line errors."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import evaler
+import trainer
+import util
+from datasets import hdf5_format
+from test_data import write_per_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny run: 6 updates of 32 examples, each accumulated from two batches of 16.
+TINY = ["--max_training_step", "6", "--batch_size", "16", "--max_batch_size", "32",
+        "--log_step", "2", "--test_sample_step", "3", "--write_summary_step", "2",
+        "--ckpt_save_step", "3"]
+
+
+def train(tmp_path, *flags):
+    """Runs trainer.main with the tiny schedule; returns the new run directory."""
+    train_dir = tmp_path / "train_dir"
+    before = set(glob.glob(str(train_dir / "*")))
+    trainer.main([*TINY, "--train_dir", str(train_dir), *flags])
+    (run_dir,) = set(glob.glob(str(train_dir / "*"))) - before
+    return run_dir
+
+
+def cli_error(main, argv, capsys):
+    """Runs a CLI the way `python script.py` does; returns its one-line error message."""
+    with pytest.raises(SystemExit) as exit_info:
+        util.run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ")
+    return last_line
+
+
+def read_events(directory):
+    """{tag: {step: value}} from the TensorBoard event files in `directory`."""
+    values = {}
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor)
+                values.setdefault(value.tag, {})[event.step] = tensor
+    return values
+
+
+def checkpoint_values(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/")}
+
+
+@pytest.fixture(scope="module")
+def batch_norm_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("bn"), "--norm_type", "batch")
+
+
+def test_run_directory_config_and_checkpoints(batch_norm_run):
+    name = os.path.basename(batch_norm_run)
+    assert name.startswith("default-sample_lr_0.001_bs_16_norm_type_batch-")
+    with open(os.path.join(batch_norm_run, "config.json")) as f:
+        config = json.load(f)
+    assert config["norm_type"] == "batch" and config["model"] == "conv"
+    assert config["accumulation_steps"] == 2 and config["augment"] is False
+    assert tf.train.latest_checkpoint(batch_norm_run).endswith("model-6")
+    assert os.path.exists(os.path.join(batch_norm_run, "model-3.index"))
+    values = checkpoint_values(tf.train.latest_checkpoint(batch_norm_run))
+    assert any("moving_mean" in name for name in values), "BN moving statistics are saved"
+
+
+def test_tensorboard_scalars(batch_norm_run):
+    train_events = read_events(os.path.join(batch_norm_run, "train"))
+    for tag in ("loss", "accuracy", "learning_rate", "images_per_sec"):
+        assert sorted(train_events[tag]) == [2, 4, 6], tag
+    assert all(0 <= v <= 1 for v in train_events["accuracy"].values())
+    assert train_events["learning_rate"][2] > train_events["learning_rate"][6] > 0  # cosine decay
+    assert train_events["input_images"][0].shape[0] >= 2  # encoded images
+    test_events = read_events(os.path.join(batch_norm_run, "test"))
+    assert sorted(test_events["loss"]) == sorted(test_events["accuracy"]) == [3, 6]
+
+
+def test_evaler_json_on_run_directory(batch_norm_run, capsys):
+    evaler.main(["--checkpoint", batch_norm_run, "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 6
+    confusion = np.array(result["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 1000
+    assert result["accuracy"] == pytest.approx(np.trace(confusion) / 1000)
+    assert len(result["per_class_accuracy"]) == 10 and "Ankle boot" in result["per_class_accuracy"]
+    assert result["accuracy"] > 0.2  # six updates already beat chance (0.1)
+
+
+def test_evaler_text_report(batch_norm_run, capsys):
+    evaler.main(["--checkpoint", os.path.join(batch_norm_run, "model-3")])
+    out = capsys.readouterr().out
+    assert "(step 3)" in out and "top-1 accuracy" in out
+    assert "per-class accuracy" in out and "confusion matrix" in out and "Trouser" in out
+
+
+def test_evaler_all_writes_tensorboard(batch_norm_run, capsys):
+    evaler.main(["--checkpoint", batch_norm_run, "--all", "--json"])
+    results = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [r["step"] for r in results] == [3, 6]
+    events = read_events(os.path.join(batch_norm_run, "eval"))
+    assert sorted(events["accuracy"]) == [3, 6]
+    assert float(events["accuracy"][6]) == pytest.approx(results[1]["accuracy"])
+
+
+def test_ctrl_c_saves_and_continuing_equals_training_straight_through(tmp_path, monkeypatch):
+    """6 steps in one go == 3 steps, Ctrl-C, then 3 more from the checkpoint: model (with BN
+    moving statistics), optimizer, step and input position all come back."""
+    straight = train(tmp_path / "straight", "--norm_type", "batch")
+
+    original_step = trainer.Trainer.train_step
+
+    def interrupted_after_step_3(self):
+        result = original_step(self)
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "train_step", interrupted_after_step_3)
+        with pytest.raises(SystemExit) as exit_info:
+            train(tmp_path / "split", "--norm_type", "batch")
+    assert exit_info.value.code == 130
+    (first,) = glob.glob(str(tmp_path / "split" / "train_dir" / "*"))
+    assert tf.train.latest_checkpoint(first).endswith("model-3")
+    second = train(tmp_path / "split", "--norm_type", "batch", "--checkpoint", first)
+    assert tf.train.latest_checkpoint(second).endswith("model-6")
+    expected = checkpoint_values(tf.train.latest_checkpoint(straight))
+    got = checkpoint_values(tf.train.latest_checkpoint(second))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "NoSuchSet"], "unknown dataset 'NoSuchSet'"),
+    (["--dataset", "CIFAR10", "--data_dir", "/nonexistent"],
+     "run: python download.py --dataset CIFAR10"),
+    (["--groups", "5"], "C=64 channels are not divisible by G=5 groups"),
+    (["--batch_size", "0"], "--batch_size 0 must be between 1 and the 5000 training examples"),
+    (["--batch_size", "5001"], "--batch_size 5001 must be between 1"),
+    (["--checkpoint", "/nonexistent/model-5"], "checkpoint /nonexistent/model-5 does not exist"),
+])
+def test_trainer_errors(argv, message, tmp_path, capsys):
+    error = cli_error(trainer.main, [*argv, "--train_dir", str(tmp_path)], capsys)
+    assert message in error
+    assert not os.listdir(tmp_path), "nothing is written on a bad flag"
+
+
+def test_checkpoint_of_another_model_is_refused(batch_norm_run, tmp_path, capsys):
+    error = cli_error(trainer.main, [*TINY, "--checkpoint", batch_norm_run, "--norm_type",
+                                     "group", "--train_dir", str(tmp_path)], capsys)
+    assert "was trained with --norm_type batch, not --norm_type group" in error
+
+
+def test_checkpoint_that_does_not_fit_its_config_is_refused(batch_norm_run, tmp_path, capsys):
+    """A run directory whose config.json names another network: the restore itself fails."""
+    fake_run = tmp_path / "run"
+    shutil.copytree(batch_norm_run, fake_run)
+    with open(fake_run / "config.json") as f:
+        config = json.load(f)
+    config["model"] = "resnet20"
+    config["groups"] = 8
+    util.write_json(str(fake_run / "config.json"), config)
+    argv = [*TINY, "--checkpoint", str(fake_run), "--model", "resnet20", "--groups", "8",
+            "--norm_type", "batch", "--train_dir", str(tmp_path / "out")]
+    assert "does not match the model of these flags" in cli_error(trainer.main, argv, capsys)
+    assert not os.path.exists(tmp_path / "out")
+    error = cli_error(evaler.main, ["--checkpoint", str(fake_run)], capsys)
+    assert "does not match its run's config.json" in error
+
+
+def test_evaler_missing_checkpoint(capsys):
+    error = cli_error(evaler.main, ["--checkpoint", "/nonexistent"], capsys)
+    assert "checkpoint /nonexistent does not exist" in error
+
+
+def test_error_is_one_line_without_traceback():
+    result = subprocess.run([sys.executable, "trainer.py", "--dataset", "NoSuchSet"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown dataset")
+    assert "Traceback" not in result.stderr
+
+
+def test_group_norm_accumulated_small_batches_equal_one_large_batch():
+    """GN ignores the batch, so 4 accumulated batches of 2 make the same updates as one batch of
+    8 (no dropout; the input stream yields the same 8 examples in both cases)."""
+    _, data = trainer.input_ops.load("sample", "./datasets")
+    weights, losses = {}, {}
+    for batch_size in (8, 2):
+        config = trainer.parse_args(["--batch_size", str(batch_size), "--max_batch_size", "8",
+                                     "--dropout", "0", "--max_training_step", "3"])
+        config.model, config.augment = "conv", False
+        tf.keras.utils.set_random_seed(0)
+        run = trainer.Trainer(config, data, run_dir=None)
+        losses[batch_size] = [float(run.train_step()[0]) for _ in range(3)]
+        assert run.step == 3
+        weights[batch_size] = [v.numpy() for v in run.model.trainable_variables]
+    np.testing.assert_allclose(losses[2], losses[8], rtol=1e-5)
+    for small, large in zip(weights[2], weights[8]):
+        np.testing.assert_allclose(small, large, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["splits", "per_id_2018"])
+def test_own_dataset_trains_by_name(layout, tmp_path, capsys):
+    """Any <data_dir>/NAME/data.hdf5, in either layout, trains as --dataset NAME."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 40)
+    folder = tmp_path / "data" / "mine"
+    if layout == "splits":
+        hdf5_format.write_dataset(str(folder / "data.hdf5"),
+                                  {"train": (images[:30], labels[:30]),
+                                   "test": (images[30:], labels[30:])}, ["a", "b", "c"], {})
+    else:
+        write_per_id(str(folder), images / 255.0, labels, 3, [f"id{i}" for i in range(40)])
+    run_dir = train(tmp_path, "--dataset", "mine", "--data_dir", str(tmp_path / "data"),
+                    "--batch_size", "4", "--max_batch_size", "4", "--groups", "8")
+    evaler.main(["--checkpoint", run_dir, "--json"])
+    result = json.loads(capsys.readouterr().out)
+    # 30 / 10 as written; the per-id file splits 90% / 10% of its 40 ids.
+    assert np.array(result["confusion_matrix"]).sum() == (10 if layout == "splits" else 4)

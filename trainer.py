@@ -1,0 +1,363 @@
+"""Train a classifier with group or batch normalization at any batch size.
+
+    python trainer.py                                     # GN on the bundled Fashion-MNIST sample
+    python trainer.py --norm_type batch --batch_size 2    # BN at batch 2
+    python trainer.py --checkpoint train_dir/<run>        # continue a run from its latest state
+
+Each step is one optimizer update over `max_batch_size` examples: the gradients of
+max_batch_size / batch_size batches are accumulated (Keras's `gradient_accumulation_steps`), so a
+small batch changes the normalization statistics but not the number of examples per update, the
+learning rate or the number of examples seen (the 2018 repo's adjustment; turn it off with
+--no_adjust_learning_rate). The loop is written out rather than `model.fit` so a checkpoint can
+hold the input pipeline's position next to the model, optimizer and step.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up notices quiet
+
+import argparse
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import input_ops
+import model as model_lib
+import ops
+import util
+from datasets import registry
+from evaler import evaluate
+from util import UsageError, log
+
+# Flags that define the network: a checkpoint only continues with the same values.
+MODEL_FLAGS = ("model", "norm_type", "groups", "weight_std")
+# Flags that define the random streams (input, dropout): their saved positions are used only when
+# these are unchanged.
+DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
+DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=registry.DEFAULT_DATASET,
+                      help="sample (default: the bundled Fashion-MNIST subset), MNIST, Fashion, "
+                           "SVHN, CIFAR10, TinyImageNet, ImageNet, or any NAME with "
+                           "<data_dir>/NAME/data.hdf5")
+    data.add_argument("--data_dir", default=registry.DEFAULT_DATA_DIR,
+                      help="where datasets live (default: %(default)s)")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                      help="random crop + horizontal flip (default: on for CIFAR10 and "
+                           "TinyImageNet, off for digits and clothes)")
+    net = parser.add_argument_group("model")
+    net.add_argument("--model", choices=model_lib.MODELS, default=None,
+                     help="network (default: conv for images up to 32 px, resnet above)")
+    net.add_argument("--norm_type", choices=ops.NORM_TYPES, default="group",
+                     help="normalization after each conv (default: %(default)s)")
+    net.add_argument("--groups", type=int, default=32,
+                     help="GN groups G; must divide every normalized layer's channels "
+                          "(default: %(default)s)")
+    net.add_argument("--weight_std", action="store_true",
+                     help="weight-standardized convs (Qiao et al. 2019)")
+    net.add_argument("--dropout", type=float, default=0.2,
+                     help="dropout rate of the conv and resnet models (default: %(default)s)")
+    learn = parser.add_argument_group("learning")
+    learn.add_argument("--batch_size", type=int, default=64,
+                       help="examples per batch, i.e. per BN statistic (default: %(default)s)")
+    learn.add_argument("--max_batch_size", type=int, default=64,
+                       help="examples per update: the gradients of max_batch_size / batch_size "
+                            "batches are accumulated (default: %(default)s)")
+    learn.add_argument("--no_adjust_learning_rate", action="store_true",
+                       help="one update per batch of batch_size instead, no accumulation")
+    learn.add_argument("--optimizer", choices=sorted(DEFAULT_LEARNING_RATE), default="adam",
+                       help="adam, or SGD with momentum 0.9 (default: %(default)s)")
+    learn.add_argument("--learning_rate", type=float, default=None,
+                       help="peak learning rate, cosine-decayed to 0 over max_training_step "
+                            "(default: 1e-3 for adam, 0.1 for momentum)")
+    learn.add_argument("--max_training_step", type=int, default=400,
+                       help="optimizer updates to train for (default: %(default)s)")
+    learn.add_argument("--seed", type=int, default=0,
+                       help="seed of initialization, shuffling, augmentation and dropout "
+                            "(default: %(default)s)")
+    logs = parser.add_argument_group("logging and checkpoints")
+    logs.add_argument("--prefix", default="default",
+                      help="first part of the run directory name (default: %(default)s)")
+    logs.add_argument("--train_dir", default="./train_dir",
+                      help="where run directories are made (default: %(default)s)")
+    logs.add_argument("--checkpoint", default=None,
+                      help="continue from this checkpoint prefix, or a run directory's latest")
+    logs.add_argument("--log_step", type=int, default=10,
+                      help="print a training line every this many steps (default: %(default)s)")
+    logs.add_argument("--test_sample_step", type=int, default=10,
+                      help="evaluate one test batch every this many steps (default: %(default)s)")
+    logs.add_argument("--write_summary_step", type=int, default=10,
+                      help="write TensorBoard scalars every this many steps "
+                           "(default: %(default)s)")
+    logs.add_argument("--ckpt_save_step", type=int, default=1000,
+                      help="save a checkpoint every this many steps, and always at the end "
+                           "(default: %(default)s)")
+    config = parser.parse_args(argv)
+    if config.learning_rate is None:
+        config.learning_rate = DEFAULT_LEARNING_RATE[config.optimizer]
+    return config
+
+
+def check_flags(config, data):
+    """One-line errors for flag values that cannot work with this dataset."""
+    num_train = len(data.train_labels)
+    if not 0 < config.batch_size <= num_train:
+        raise UsageError(f"--batch_size {config.batch_size} must be between 1 and the "
+                         f"{num_train} training examples of {config.dataset}")
+    for flag in ("max_batch_size", "max_training_step", "log_step", "test_sample_step",
+                 "write_summary_step", "ckpt_save_step", "groups"):
+        if getattr(config, flag) <= 0:
+            raise UsageError(f"--{flag} must be positive, got {getattr(config, flag)}")
+    if not 0 <= config.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
+
+
+def accumulation_steps(config):
+    """Batches per update: max_batch_size / batch_size unless adjustment is off."""
+    if config.no_adjust_learning_rate:
+        return 1
+    return max(1, config.max_batch_size // config.batch_size)
+
+
+def build_model(config, data):
+    """The `--model` network for this dataset; a bad --groups becomes a one-line error."""
+    input_shape = data.train_images.shape[1:]
+    try:
+        return model_lib.build_model(config.model, input_shape, data.num_classes,
+                                     config.norm_type, config.groups, config.weight_std,
+                                     config.dropout)
+    except ValueError as error:
+        raise UsageError(f"{error} (set with --groups)") from None
+
+
+class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
+    """Evaluates `schedule` at the number of updates. With gradient accumulation Keras calls a
+    schedule with the number of batches, which would decay the rate `accumulate` times too fast."""
+
+    def __init__(self, schedule, accumulate):
+        self.schedule = schedule
+        self.accumulate = accumulate
+
+    def __call__(self, batches):
+        return self.schedule(batches // self.accumulate)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                "accumulate": self.accumulate}
+
+
+def build_optimizer(config):
+    """Adam or SGD with momentum 0.9, gradients clipped to global norm 20 as in the 2018 repo, and
+    the learning rate cosine-decayed to 0 over max_training_step updates."""
+    accumulate = accumulation_steps(config)
+    schedule = PerUpdate(keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                                config.max_training_step),
+                         accumulate)
+    options = dict(global_clipnorm=20.0,
+                   gradient_accumulation_steps=accumulate if accumulate > 1 else None)
+    if config.optimizer == "momentum":
+        return keras.optimizers.SGD(schedule, momentum=0.9, **options)
+    return keras.optimizers.Adam(schedule, **options)
+
+
+def dropout_seeds(model):
+    """The random-seed states of the model's dropout layers: Keras counts them among
+    `model.variables` but not among the weights a checkpoint of the model holds."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+class Trainer:
+    """Holds the model, optimizer, input streams, checkpoint and summary writers of one run."""
+
+    def __init__(self, config, data, run_dir):
+        self.config = config
+        self.data = data
+        self.run_dir = run_dir
+        self.accumulate = accumulation_steps(config)
+        strategy = tf.distribute.get_strategy()
+        with strategy.scope():
+            self.model = build_model(config, data)
+            self.optimizer = build_optimizer(config)
+            self.optimizer.build(self.model.trainable_variables)
+        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.train_iterator = iter(input_ops.train_dataset(data, config.batch_size, config.seed,
+                                                           config.augment))
+        eval_batch = max(config.batch_size, config.max_batch_size)
+        self.test_iterator = iter(input_ops.test_sample_dataset(data, eval_batch, config.seed))
+        self.eval_data = input_ops.eval_dataset(data, eval_batch)
+        # Where the random streams stand: the input pipeline and the dropout seeds.
+        streams = tf.train.Checkpoint(input=self.train_iterator,
+                                      dropout_seeds=dropout_seeds(self.model))
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                              streams=streams)
+        self.manager = self.writers = None  # made by open_run_dir, once the state is final
+
+    def open_run_dir(self):
+        """Creates the run directory with config.json, the checkpoint manager and the summary
+        writers."""
+        util.write_json(os.path.join(self.run_dir, "config.json"), vars(self.config))
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir, max_to_keep=None,
+                                                  checkpoint_name="model")
+        self.writers = {split: tf.summary.create_file_writer(os.path.join(self.run_dir, split))
+                        for split in ("train", "test")}
+
+    @property
+    def step(self):
+        return int(self.optimizer.iterations.numpy())
+
+    def restore(self, prefix, source_config):
+        """Continues from `prefix`; the random streams (input position, dropout seeds) are
+        restored only when the data flags are the same as in the run that wrote it."""
+        same_data = all(source_config.get(f) == getattr(self.config, f) for f in DATA_FLAGS)
+        state = self.checkpoint if same_data else tf.train.Checkpoint(model=self.model,
+                                                                      optimizer=self.optimizer)
+        try:
+            state.restore(prefix).expect_partial().assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise UsageError(f"checkpoint {prefix} does not match the model of these flags "
+                             f"({first_line}) — pass the flags it was trained with") from None
+        if not same_data:
+            log.info("data flags differ from the checkpoint's run: the input stream restarts")
+        log.info("continuing from %s at step %d", prefix, self.step)
+
+    @tf.function
+    def train_step(self):
+        """One update: `accumulate` batches, each a forward/backward pass whose gradients the
+        optimizer accumulates. Returns the mean loss and accuracy over those batches."""
+        total_loss, total_correct, total_count = 0.0, 0.0, 0.0
+        for _ in tf.range(self.accumulate):
+            images, labels = next(self.train_iterator)
+            with tf.GradientTape() as tape:
+                logits = self.model(images, training=True)
+                loss = self.loss_fn(labels, logits)
+            gradients = tape.gradient(loss, self.model.trainable_variables)
+            self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+            total_loss += loss
+            total_correct += tf.reduce_sum(tf.cast(tf.equal(
+                tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32))
+            total_count += tf.cast(tf.shape(labels)[0], tf.float32)
+        return total_loss / tf.cast(self.accumulate, tf.float32), total_correct / total_count
+
+    @tf.function
+    def test_step(self):
+        images, labels = next(self.test_iterator)
+        logits = self.model(images, training=False)
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(
+            tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32))
+        return self.loss_fn(labels, logits), accuracy
+
+    def train(self):
+        """Trains to max_training_step; saves every ckpt_save_step, at the end and on Ctrl-C."""
+        config = self.config
+        examples_per_step = self.accumulate * config.batch_size
+        self.write_input_images()
+        window = []  # (loss, accuracy, seconds) since the last log line
+        try:
+            while self.step < config.max_training_step:
+                learning_rate = float(self.optimizer.learning_rate)  # the rate of this update
+                start = time.time()
+                loss, accuracy = (float(v) for v in self.train_step())
+                window.append((loss, accuracy, time.time() - start))
+                step = self.step
+                if step % config.write_summary_step == 0:
+                    self.write_scalars("train", step, loss=loss, accuracy=accuracy,
+                                       learning_rate=learning_rate,
+                                       images_per_sec=examples_per_step / window[-1][2])
+                if step % config.log_step == 0:
+                    self.log_window(step, window, examples_per_step)
+                    window = []
+                if step % config.test_sample_step == 0:
+                    test_loss, test_accuracy = (float(v) for v in self.test_step())
+                    self.write_scalars("test", step, loss=test_loss, accuracy=test_accuracy)
+                    log.info("[test  step %5d] loss %.4f accuracy %.2f%% (one batch)", step,
+                             test_loss, 100 * test_accuracy)
+                if step % config.ckpt_save_step == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            log.info("interrupted at step %d", self.step)
+            self.save()
+            raise
+        self.save()
+
+    def log_window(self, step, window, examples_per_step):
+        loss, accuracy, seconds = np.mean(window, axis=0)
+        log.info("[train step %5d] loss %.4f accuracy %.2f%% (%.3f sec/batch, %.1f images/sec)",
+                 step, loss, 100 * accuracy, seconds / self.accumulate,
+                 examples_per_step / seconds)
+
+    def write_scalars(self, split, step, **scalars):
+        with self.writers[split].as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+
+    def write_input_images(self):
+        """A few training inputs, augmented as the model sees them."""
+        stream = input_ops.train_dataset(self.data, 4, self.config.seed, self.config.augment)
+        images, _ = next(iter(stream))
+        with self.writers["train"].as_default(step=self.step):
+            tf.summary.image("input_images", images, max_outputs=4)
+
+    def save(self):
+        if self.manager.latest_checkpoint != self.checkpoint_path(self.step):
+            path = self.manager.save(checkpoint_number=self.step)
+            log.info("saved checkpoint %s", path)
+        for writer in self.writers.values():
+            writer.flush()
+
+    def checkpoint_path(self, step):
+        return os.path.join(self.run_dir, f"model-{step}")
+
+
+def check_same_model(config, prefix, source_config):
+    changed = [f for f in MODEL_FLAGS if source_config.get(f) != getattr(config, f)]
+    if changed:
+        theirs = " ".join(f"--{f} {source_config.get(f)}" for f in changed)
+        ours = " ".join(f"--{f} {getattr(config, f)}" for f in changed)
+        raise UsageError(f"checkpoint {prefix} was trained with {theirs}, not {ours} — pass the "
+                         "flags it was trained with")
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    util.setup_logging()
+    spec, data = input_ops.load(config.dataset, config.data_dir)
+    check_flags(config, data)
+    image_size = data.train_images.shape[1]
+    config.model = config.model or model_lib.default_model(image_size)
+    config.augment = (spec is not None and spec.augment) if config.augment is None else config.augment
+    source = None
+    if config.checkpoint:
+        prefix = util.resolve_checkpoint(config.checkpoint)
+        source = (prefix, util.read_run_config(prefix))
+        check_same_model(config, *source)
+
+    keras.utils.set_random_seed(config.seed)
+    run_dir = os.path.join(config.train_dir, util.run_dir_name(config))
+    trainer = Trainer(config, data, run_dir)
+    if source:
+        trainer.restore(*source)
+    config.accumulation_steps = trainer.accumulate
+    config.parameters = trainer.model.count_params()
+    trainer.open_run_dir()
+    log.info("run directory %s", run_dir)
+    log.info("%s on %s (%d train, %d test), %s norm, %d parameters, batch %d x %d per update",
+             config.model, config.dataset, len(data.train_labels), len(data.test_labels),
+             config.norm_type, config.parameters, config.batch_size, trainer.accumulate)
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    loss, accuracy, _ = evaluate(trainer.model, trainer.eval_data, data.num_classes)
+    log.info("done: step %d, test loss %.4f, test accuracy %.2f%% (%d examples)", trainer.step,
+             loss, 100 * accuracy, len(data.test_labels))
+
+
+if __name__ == "__main__":
+    util.run_cli(main)

@@ -1,0 +1,100 @@
+"""Small helpers shared by the command-line scripts: errors, logging, run directories, files."""
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+
+class UsageError(Exception):
+    """A problem the user can fix; the CLIs print its message as one line and exit non-zero."""
+
+
+def run_cli(main):
+    """Runs `main()`, turning a UsageError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+log = logging.getLogger("gn")
+
+
+def setup_logging():
+    """Timestamped INFO lines from this project only (TensorFlow's own INFO lines stay quiet)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary name beside `path`; renames it to `path` only if the block succeeds,
+    so an interrupted write never leaves a file that looks complete."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def run_dir_name(config):
+    """`<prefix>-<dataset>_lr_<lr>_bs_<bs>_norm_type_<norm>-<timestamp>`, as in the 2018 repo."""
+    return (f"{config.prefix}-{config.dataset}_lr_{config.learning_rate}_bs_{config.batch_size}"
+            f"_norm_type_{config.norm_type}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def resolve_checkpoint(path):
+    """The checkpoint prefix for `path`, a checkpoint prefix or a run directory (its latest)."""
+    import tensorflow as tf
+
+    if os.path.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise UsageError(f"no checkpoint in {path} — pass a run directory that holds "
+                             "model-<step>.index files, or a checkpoint prefix")
+        return latest
+    if os.path.exists(path + ".index"):
+        return path
+    raise UsageError(f"checkpoint {path} does not exist — pass a run directory under train_dir/ "
+                     "or a checkpoint prefix such as train_dir/<run>/model-1000")
+
+
+def checkpoint_step(prefix):
+    """The training step in a checkpoint name written by the trainer (`.../model-<step>`)."""
+    return int(prefix.rsplit("-", 1)[1])
+
+
+def read_run_config(checkpoint_prefix):
+    """The config.json of the run that wrote `checkpoint_prefix`."""
+    path = os.path.join(os.path.dirname(checkpoint_prefix), "config.json")
+    if not os.path.exists(path):
+        raise UsageError(f"{path} is missing — the checkpoint must sit in the run directory "
+                         "trainer.py wrote it to")
+    with open(path) as f:
+        return json.load(f)
