@@ -132,7 +132,7 @@ def build_model(config, data):
                                      config.norm_type, config.groups, config.weight_std,
                                      config.dropout)
     except ValueError as error:
-        raise UsageError(f"{error} (set with --groups)") from None
+        raise UsageError(f"{error}, and pass it as --groups") from None
 
 
 class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):

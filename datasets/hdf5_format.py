@@ -72,11 +72,20 @@ def read_dataset(path, spec):
         raise UsageError(f"cannot read {path} as HDF5 ({error}); {_remedy(spec)}") from None
     with f:
         if all(isinstance(f.get(name), h5py.Group) for name in SPLITS):
-            return _read_splits(f, path, spec)
+            return _checked_labels(_read_splits(f, path, spec), path, spec)
         if _is_per_id(f):
-            return _read_per_id(f, path, spec)
+            return _checked_labels(_read_per_id(f, path, spec), path, spec)
     raise UsageError(f"{path} has neither train/test groups nor the 2018 per-id layout; "
                      f"{_remedy(spec)}")
+
+
+def _checked_labels(data, path, spec):
+    """Refuses labels outside [0, num_classes), which would fail only deep inside training."""
+    for labels in (data.train_labels, data.test_labels):
+        if labels.size and not 0 <= labels.min() <= labels.max() < data.num_classes:
+            raise UsageError(f"{path}: labels run from {labels.min()} to {labels.max()} but "
+                             f"num_classes is {data.num_classes}; {_remedy(spec)}")
+    return data
 
 
 def _remedy(spec):

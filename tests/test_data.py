@@ -128,6 +128,16 @@ def test_unreadable_and_unknown_layout(tmp_path):
         hdf5_format.read_dataset(str(other), None)
 
 
+def test_labels_outside_the_classes_are_refused(tmp_path):
+    data = random_data(num_classes=3)
+    path = str(tmp_path / "data.hdf5")
+    hdf5_format.write_dataset(path, {"train": (data.train_images, data.train_labels + 1),
+                                     "test": (data.test_images, data.test_labels)},
+                              ["a", "b", "c"], {})
+    with pytest.raises(UsageError, match="labels run from 1 to 3 but num_classes is 3"):
+        hdf5_format.read_dataset(path, None)
+
+
 # IDX --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("compress", [True, False])
