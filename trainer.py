@@ -315,13 +315,24 @@ class Trainer:
         return os.path.join(self.run_dir, f"model-{step}")
 
 
-def check_same_model(config, prefix, source_config):
+def check_can_continue(config, prefix, source_config):
+    """A checkpoint continues only with the same network and the same number of accumulated
+    batches per update (Keras counts optimizer iterations in batches and keeps one gradient
+    accumulator per weight when accumulating)."""
     changed = [f for f in MODEL_FLAGS if source_config.get(f) != getattr(config, f)]
     if changed:
         theirs = " ".join(f"--{f} {source_config.get(f)}" for f in changed)
         ours = " ".join(f"--{f} {getattr(config, f)}" for f in changed)
         raise UsageError(f"checkpoint {prefix} was trained with {theirs}, not {ours} — pass the "
                          "flags it was trained with")
+    theirs = source_config.get("accumulation_steps")
+    if theirs != accumulation_steps(config):
+        flags = (f"--batch_size {source_config.get('batch_size')} --max_batch_size "
+                 f"{source_config.get('max_batch_size')}")
+        if source_config.get("no_adjust_learning_rate"):
+            flags += " --no_adjust_learning_rate"
+        raise UsageError(f"checkpoint {prefix} accumulated {theirs} batch(es) per update, these "
+                         f"flags {accumulation_steps(config)} — continue with {flags}")
 
 
 def main(argv=None):
@@ -336,7 +347,7 @@ def main(argv=None):
     if config.checkpoint:
         prefix = util.resolve_checkpoint(config.checkpoint)
         source = (prefix, util.read_run_config(prefix))
-        check_same_model(config, *source)
+        check_can_continue(config, *source)
 
     keras.utils.set_random_seed(config.seed)
     run_dir = os.path.join(config.train_dir, util.run_dir_name(config))

@@ -236,3 +236,11 @@ def test_own_dataset_trains_by_name(layout, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     # 30 / 10 as written; the per-id file splits 90% / 10% of its 40 ids.
     assert np.array(result["confusion_matrix"]).sum() == (10 if layout == "splits" else 4)
+
+
+def test_checkpoint_with_other_accumulation_is_refused(batch_norm_run, tmp_path, capsys):
+    argv = [*TINY, "--checkpoint", batch_norm_run, "--norm_type", "batch", "--max_batch_size",
+            "64", "--train_dir", str(tmp_path)]
+    error = cli_error(trainer.main, argv, capsys)
+    assert "accumulated 2 batch(es) per update, these flags 4" in error
+    assert "continue with --batch_size 16 --max_batch_size 32" in error
