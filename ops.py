@@ -28,9 +28,9 @@ class GroupNorm(keras.layers.Layer):
     Statistics and the normalization are computed in float32 whatever the input dtype, so
     float16 / bfloat16 activations of size ~1e3 do not overflow when squared; the output has the
     input's dtype. The mean and variance are folded with gamma and beta into one scale and one
-    offset per (example, channel), so the activations are read twice for the statistics and
-    written once: `y = x * scale + offset`. The grouped view is a reshape of the channels-last
-    tensor, never a transpose. The batch dimension may be None.
+    offset per (example, channel), so normalizing is a single multiply-add over the activations:
+    `y = x * scale + offset`. The grouped view is a reshape of the channels-last tensor, never a
+    transpose. The batch dimension may be None.
     """
 
     def __init__(self, groups=32, epsilon=1e-5, center=True, scale=True, **kwargs):
@@ -101,7 +101,8 @@ class Conv2D(keras.layers.Conv2D):
 
     def __init__(self, filters, kernel_size, strides=1, weight_std=False, ws_epsilon=1e-5,
                  **kwargs):
-        kwargs["padding"] = "same"
+        if kwargs.setdefault("padding", "same") != "same":
+            raise ValueError(f"ops.Conv2D pads 'same' only, got padding={kwargs['padding']!r}")
         super().__init__(filters, kernel_size, strides=strides, **kwargs)
         self.weight_std = weight_std
         self.ws_epsilon = ws_epsilon
@@ -110,11 +111,19 @@ class Conv2D(keras.layers.Conv2D):
         if self.weight_std:
             mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
             kernel = (kernel - mean) * tf.math.rsqrt(variance + self.ws_epsilon)
-        height, width = inputs.shape[1:3]
-        kernel_height, kernel_width = self.kernel_size
-        if height and width and height * width <= kernel_height * kernel_width:
+        if self._map_within_kernel(inputs):
             return self._patches_times_kernel(inputs, kernel)
         return super().convolution_op(inputs, kernel)
+
+    def _map_within_kernel(self, inputs):
+        """Whether `inputs` is a known-size channels-last map no larger than the (plain,
+        undilated, ungrouped) kernel."""
+        if (self.data_format != "channels_last" or self.groups != 1
+                or tuple(self.dilation_rate) != (1, 1)):
+            return False
+        height, width = inputs.shape[1:3]
+        kernel_height, kernel_width = self.kernel_size
+        return bool(height and width and height * width <= kernel_height * kernel_width)
 
     def _patches_times_kernel(self, inputs, kernel):
         """The 'same'-padded convolution as [N, H', W', kh*kw*C] patches @ [kh*kw*C, filters]."""

@@ -2,7 +2,8 @@
 
 GroupNorm is checked against a plain NumPy reference (forward and analytic backward), against
 keras.layers.GroupNormalization, for batch independence, under float16 / bfloat16 policies, and
-for serialization. Conv2D with weight_std is checked against a Conv2D with a kernel standardized in NumPy.
+for serialization. ops.Conv2D is checked against Keras's Conv2D: with weight_std against a kernel
+standardized in NumPy, and on maps no larger than the kernel (its patches path) with gradients.
 """
 import re
 
@@ -555,3 +556,8 @@ def test_identity_residual_block_adds_input():
     norm_b.beta.assign(np.zeros(16, np.float32))
     x = np.random.default_rng(14).standard_normal((2, 6, 6, 16)).astype(np.float32)
     np.testing.assert_allclose(model(x).numpy(), np.maximum(x, 0), atol=1e-6)
+
+
+def test_conv2d_refuses_padding_other_than_same():
+    with pytest.raises(ValueError, match="pads 'same' only"):
+        ops.Conv2D(4, 3, padding="valid")
