@@ -350,7 +350,7 @@ def main(argv=None):
         check_can_continue(config, *source)
 
     keras.utils.set_random_seed(config.seed)
-    run_dir = os.path.join(config.train_dir, util.run_dir_name(config))
+    run_dir = util.new_run_dir(config)
     trainer = Trainer(config, data, run_dir)
     if source:
         trainer.restore(*source)

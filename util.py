@@ -63,10 +63,16 @@ def write_json(path, obj):
             f.write("\n")
 
 
-def run_dir_name(config):
-    """`<prefix>-<dataset>_lr_<lr>_bs_<bs>_norm_type_<norm>-<timestamp>`, as in the 2018 repo."""
-    return (f"{config.prefix}-{config.dataset}_lr_{config.learning_rate}_bs_{config.batch_size}"
+def new_run_dir(config):
+    """`<train_dir>/<prefix>-<dataset>_lr_<lr>_bs_<bs>_norm_type_<norm>-<timestamp>`, as in the
+    2018 repo, with `_2`, `_3`, ... appended when a run of the same second already has it."""
+    name = (f"{config.prefix}-{config.dataset}_lr_{config.learning_rate}_bs_{config.batch_size}"
             f"_norm_type_{config.norm_type}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, copy = os.path.join(config.train_dir, name), 1
+    while os.path.exists(path):
+        copy += 1
+        path = os.path.join(config.train_dir, f"{name}_{copy}")
+    return path
 
 
 def resolve_checkpoint(path):

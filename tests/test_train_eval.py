@@ -244,3 +244,13 @@ def test_checkpoint_with_other_accumulation_is_refused(batch_norm_run, tmp_path,
     error = cli_error(trainer.main, argv, capsys)
     assert "accumulated 2 batch(es) per update, these flags 4" in error
     assert "continue with --batch_size 16 --max_batch_size 32" in error
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(util.time, "strftime", lambda _: "20260101-000000")
+    config = trainer.parse_args(["--train_dir", str(tmp_path)])
+    first = util.new_run_dir(config)
+    assert first == str(tmp_path / "default-sample_lr_0.001_bs_64_norm_type_group-20260101-000000")
+    os.makedirs(first)
+    second = util.new_run_dir(config)
+    assert second == first + "_2"
