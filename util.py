@@ -26,9 +26,10 @@ log = logging.getLogger("gn")
 
 def setup_logging():
     """Timestamped INFO lines from this project only (TensorFlow's own INFO lines stay quiet)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    log.addHandler(handler)
+    if not log.handlers:  # once per process, however often a CLI's main() runs
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
 
