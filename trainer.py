@@ -325,14 +325,15 @@ def check_can_continue(config, prefix, source_config):
         ours = " ".join(f"--{f} {getattr(config, f)}" for f in changed)
         raise UsageError(f"checkpoint {prefix} was trained with {theirs}, not {ours} — pass the "
                          "flags it was trained with")
-    theirs = source_config.get("accumulation_steps")
-    if theirs != accumulation_steps(config):
+    their_accumulation, our_accumulation = (source_config.get("accumulation_steps"),
+                                            accumulation_steps(config))
+    if their_accumulation != our_accumulation:
         flags = (f"--batch_size {source_config.get('batch_size')} --max_batch_size "
                  f"{source_config.get('max_batch_size')}")
         if source_config.get("no_adjust_learning_rate"):
             flags += " --no_adjust_learning_rate"
-        raise UsageError(f"checkpoint {prefix} accumulated {theirs} batch(es) per update, these "
-                         f"flags {accumulation_steps(config)} — continue with {flags}")
+        raise UsageError(f"checkpoint {prefix} accumulated {their_accumulation} batch(es) per "
+                         f"update, these flags {our_accumulation} — continue with {flags}")
 
 
 def main(argv=None):

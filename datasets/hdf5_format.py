@@ -72,11 +72,13 @@ def read_dataset(path, spec):
         raise UsageError(f"cannot read {path} as HDF5 ({error}); {_remedy(spec)}") from None
     with f:
         if all(isinstance(f.get(name), h5py.Group) for name in SPLITS):
-            return _checked_labels(_read_splits(f, path, spec), path, spec)
-        if _is_per_id(f):
-            return _checked_labels(_read_per_id(f, path, spec), path, spec)
-    raise UsageError(f"{path} has neither train/test groups nor the 2018 per-id layout; "
-                     f"{_remedy(spec)}")
+            data = _read_splits(f, path, spec)
+        elif _is_per_id(f):
+            data = _read_per_id(f, path, spec)
+        else:
+            raise UsageError(f"{path} has neither train/test groups nor the 2018 per-id layout; "
+                             f"{_remedy(spec)}")
+    return _checked_labels(data, path, spec)
 
 
 def _checked_labels(data, path, spec):

@@ -130,8 +130,9 @@ def test_unreadable_and_unknown_layout(tmp_path):
 
 def test_labels_outside_the_classes_are_refused(tmp_path):
     data = random_data(num_classes=3)
+    shifted = np.arange(len(data.train_labels)) % 3 + 1  # 1..3: one past the last class
     path = str(tmp_path / "data.hdf5")
-    hdf5_format.write_dataset(path, {"train": (data.train_images, data.train_labels + 1),
+    hdf5_format.write_dataset(path, {"train": (data.train_images, shifted),
                                      "test": (data.test_images, data.test_labels)},
                               ["a", "b", "c"], {})
     with pytest.raises(UsageError, match="labels run from 1 to 3 but num_classes is 3"):
