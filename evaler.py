@@ -62,7 +62,7 @@ def checkpoints_to_evaluate(path, every):
 
 
 def restore_model(prefix, config, data):
-    model = model_lib.build_model(config["model"], data.train_images.shape[1:], data.num_classes,
+    model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
                                   config["norm_type"], config["groups"], config["weight_std"],
                                   config["dropout"])
     try:

@@ -105,7 +105,7 @@ def parse_args(argv=None):
 
 def check_flags(config, data):
     """One-line errors for flag values that cannot work with this dataset."""
-    num_train = len(data.train_labels)
+    num_train = data.num_train
     if not 0 < config.batch_size <= num_train:
         raise UsageError(f"--batch_size {config.batch_size} must be between 1 and the "
                          f"{num_train} training examples of {config.dataset}")
@@ -126,7 +126,7 @@ def accumulation_steps(config):
 
 def build_model(config, data):
     """The `--model` network for this dataset; a bad --groups becomes a one-line error."""
-    input_shape = data.train_images.shape[1:]
+    input_shape = data.image_shape
     try:
         return model_lib.build_model(config.model, input_shape, data.num_classes,
                                      config.norm_type, config.groups, config.weight_std,
@@ -341,7 +341,7 @@ def main(argv=None):
     util.setup_logging()
     spec, data = input_ops.load(config.dataset, config.data_dir)
     check_flags(config, data)
-    image_size = data.train_images.shape[1]
+    image_size = data.image_shape[0]
     config.model = config.model or model_lib.default_model(image_size)
     config.augment = (spec is not None and spec.augment) if config.augment is None else config.augment
     source = None
@@ -360,7 +360,7 @@ def main(argv=None):
     trainer.open_run_dir()
     log.info("run directory %s", run_dir)
     log.info("%s on %s (%d train, %d test), %s norm, %d parameters, batch %d x %d per update",
-             config.model, config.dataset, len(data.train_labels), len(data.test_labels),
+             config.model, config.dataset, data.num_train, data.num_test,
              config.norm_type, config.parameters, config.batch_size, trainer.accumulate)
     try:
         trainer.train()
@@ -368,7 +368,7 @@ def main(argv=None):
         raise SystemExit(130)
     loss, accuracy, _ = evaluate(trainer.model, trainer.eval_data, data.num_classes)
     log.info("done: step %d, test loss %.4f, test accuracy %.2f%% (%d examples)", trainer.step,
-             loss, 100 * accuracy, len(data.test_labels))
+             loss, 100 * accuracy, data.num_test)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Written layout: groups `train` and `test`, each with `images` (uint8 [N, H, W, C]; grayscale has
 C = 1) and `labels` (int64 [N]), chunked and gzip-compressed; file attributes `num_classes`,
-`class_names`, and `sha256:<raw file>` for every raw file the data was built from.
+`class_names`, and the provenance: `<algorithm>:<raw file>` = hex digest for every raw file the
+data was built from, plus any converter option that changes the data (e.g. `labels` = coarse).
 
 Also read (never written): the 2018 per-id layout, one top-level group per id holding `image`
 (H x W x C, uint8 or float; floats in [0, 1] are multiplied by 255 and rounded) and a one-hot
@@ -12,6 +13,7 @@ official train set, e.g. 50,000 for CIFAR10) are train and the rest test; for yo
 first 90% (rounded down) are train and the rest test. Class names are "0" .. "n-1".
 """
 import dataclasses
+import io
 import os
 
 import h5py
@@ -23,12 +25,25 @@ from util import UsageError, atomic_path
 SPLITS = ("train", "test")
 ID_FILE = "id.txt"
 _CHUNK_BYTES = 1 << 20
-_COMPRESSION = dict(compression="gzip", compression_opts=9, shuffle=True)
+# Level 1 writes Fashion-MNIST's 60,000 train images in 0.8 s, level 9 in 16 s for a 4 % smaller file.
+_COMPRESSION = dict(compression="gzip", compression_opts=1)
 _SCALE_SAMPLE = 100
 
 
+class SplitSizes:
+    """num_train and num_test of a dataset class with train_labels and test_labels."""
+
+    @property
+    def num_train(self):
+        return len(self.train_labels)
+
+    @property
+    def num_test(self):
+        return len(self.test_labels)
+
+
 @dataclasses.dataclass
-class ImageData:
+class ImageData(SplitSizes):
     """A dataset in memory: uint8 images [N, H, W, C] and int32 labels [N] per split."""
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -37,20 +52,27 @@ class ImageData:
     num_classes: int
     class_names: list
 
+    @property
+    def image_shape(self):
+        return self.train_images.shape[1:]
 
-def write_dataset(path, splits, class_names, sources):
+
+def write_dataset(path, splits, class_names, provenance):
     """Writes `splits` ({"train": (images, labels), "test": ...}) to `path` atomically.
 
-    `sources` maps each raw file's basename to its sha256 hex digest, kept as provenance.
+    `provenance` ({attribute: value}) says what the data was built from; see the module docstring.
+    The file is built in memory and written with one plain write, so a full disk raises an
+    OSError there instead of failing inside HDF5, which cannot recover from it.
     """
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name in SPLITS:
-                _write_split(f.create_group(name), *splits[name])
-            f.attrs["num_classes"] = len(class_names)
-            f.attrs["class_names"] = list(class_names)
-            for filename, digest in sources.items():
-                f.attrs[f"sha256:{filename}"] = digest
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for name in SPLITS:
+            _write_split(f.create_group(name), *splits[name])
+        f.attrs["num_classes"] = len(class_names)
+        f.attrs["class_names"] = list(class_names)
+        f.attrs.update(provenance)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(buffer.getbuffer())
 
 
 def _write_split(group, images, labels):
@@ -62,6 +84,17 @@ def _write_split(group, images, labels):
     rows = max(1, min(len(images), _CHUNK_BYTES // int(np.prod(images.shape[1:]))))
     group.create_dataset("images", data=images, chunks=(rows, *images.shape[1:]), **_COMPRESSION)
     group.create_dataset("labels", data=labels, chunks=(rows,), **_COMPRESSION)
+
+
+def has_provenance(path, provenance):
+    """Whether `path` is a complete data file whose attributes include all of `provenance`."""
+    try:
+        with h5py.File(path, "r") as f:
+            complete = all(isinstance(f.get(name), h5py.Group) for name in SPLITS)
+            return complete and all(_text(f.attrs.get(key)) == value
+                                    for key, value in provenance.items())
+    except OSError:
+        return False
 
 
 def read_dataset(path, spec):

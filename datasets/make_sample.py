@@ -71,8 +71,8 @@ def main(argv=None):
         labels = idx.read_idx(paths[labels_file])
         keep = balanced_subset(labels, per_class[split], rng)
         splits[OUT_SPLITS[split]] = (images[keep, :, :, None], labels[keep])
-    sources = {name: sha256_file(path) for name, path in paths.items()}
-    hdf5_format.write_dataset(args.out, splits, registry.FASHION_CLASS_NAMES, sources)
+    provenance = {f"sha256:{name}": sha256_file(path) for name, path in paths.items()}
+    hdf5_format.write_dataset(args.out, splits, registry.FASHION_CLASS_NAMES, provenance)
     util.log.info("wrote %s: %d train, %d test examples, %.2f MB", args.out,
                   len(splits["train"][1]), len(splits["test"][1]), os.path.getsize(args.out) / 1e6)
 
