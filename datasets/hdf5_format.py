@@ -87,14 +87,15 @@ def _write_split(group, images, labels):
 
 
 def has_provenance(path, provenance):
-    """Whether `path` is a complete data file whose attributes include all of `provenance`."""
+    """Whether `path` is a complete data file built from exactly `provenance`."""
     try:
         with h5py.File(path, "r") as f:
             complete = all(isinstance(f.get(name), h5py.Group) for name in SPLITS)
-            return complete and all(_text(f.attrs.get(key)) == value
-                                    for key, value in provenance.items())
+            recorded = {key: _text(value) for key, value in f.attrs.items()
+                        if key not in ("num_classes", "class_names")}
     except OSError:
         return False
+    return complete and recorded == provenance
 
 
 def read_dataset(path, spec):

@@ -83,19 +83,21 @@ def test_idx_datasets(tmp_path, name):
         hashlib.sha256(payload).hexdigest()
 
 
-def test_svhn_maps_label_10_to_0_and_keeps_orientation(tmp_path):
+def test_svhn_maps_label_10_to_0_and_keeps_orientation(tmp_path, monkeypatch):
     raw = raw_formats.write_svhn(tmp_path / "raw")
-    data = convert(tmp_path, "SVHN")
+    register_generated_checksums(monkeypatch, "SVHN", tmp_path / "raw")
+    data = convert(tmp_path, "SVHN", verify=True)
     np.testing.assert_array_equal(data.train_images, raw["train"][0])
     np.testing.assert_array_equal(data.train_images[0], raw_formats.pattern(32, 32, 3))
     np.testing.assert_array_equal(data.test_labels, raw["test"][1])
     assert 0 in data.test_labels and data.test_labels.max() == 9
     assert (data.num_train, data.num_test, data.num_classes) == (12, 8, 10)
 
-    with_extra = convert(tmp_path, "SVHN", "--svhn_extra")
+    with_extra = convert(tmp_path, "SVHN", "--svhn_extra", verify=True)
     np.testing.assert_array_equal(with_extra.train_images[12:], raw["extra"][0])
     assert with_extra.num_train == 17
     assert "md5:extra_32x32.mat" in attrs(data_file(tmp_path, "SVHN"))
+    assert convert(tmp_path, "SVHN", verify=True).num_train == 12  # not taken as up to date
 
 
 @pytest.mark.parametrize("numpy1", [True, False], ids=["numpy1-pickles", "numpy2-pickles"])
