@@ -6,13 +6,23 @@ normalizes every group by its own mean and variance, so no statistic crosses the
     y = gamma * (x - mean_g) / sqrt(var_g + epsilon) + beta
 
 Layer norm is the case G = 1 and instance norm the case G = C; both are `GroupNorm`. Batch norm is
-Keras's `BatchNormalization` (fused kernel, `synchronized=True` for multi-device statistics).
+Keras's `BatchNormalization` (`synchronized=True` for multi-device statistics).
 Everything here is channels-last. No flags, no I/O.
+
+Fast paths (GroupNorm's compiled kernels, Conv2D's patches product) give the same numbers as the
+plain TensorFlow ops; set the environment variable GN_FAST_OPS=0 to use the plain ops instead.
 """
+import os
+
 import keras
 import tensorflow as tf
 
 NORM_TYPES = ("batch", "sync_batch", "group", "layer", "instance", "none")
+
+
+def fast_ops_enabled():
+    """False when the environment sets GN_FAST_OPS to 0 / false / no / off."""
+    return os.environ.get("GN_FAST_OPS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @keras.saving.register_keras_serializable(package="gn")
@@ -31,6 +41,10 @@ class GroupNorm(keras.layers.Layer):
     offset per (example, channel), so normalizing is a single multiply-add over the activations:
     `y = x * scale + offset`. The grouped view is a reshape of the channels-last tensor, never a
     transpose. The batch dimension may be None.
+
+    Speed: the forward pass and a closed-form backward pass are each one XLA-compiled function
+    (see `_group_norm_forward`), while the rest of the model keeps TensorFlow's own kernels.
+    GN_FAST_OPS=0 selects the plain ops (`_group_norm_plain`) and TensorFlow's autodiff.
     """
 
     def __init__(self, groups=32, epsilon=1e-5, center=True, scale=True, **kwargs):
@@ -60,18 +74,11 @@ class GroupNorm(keras.layers.Layer):
 
     def call(self, inputs):
         channels = inputs.shape[-1]
-        group_shape = [self.groups, channels // self.groups]
-        # [N, everything between batch and channels, G, C/G]: a free reshape of channels-last data.
-        grouped = tf.reshape(tf.cast(inputs, tf.float32), [tf.shape(inputs)[0], -1, *group_shape])
-        mean, variance = tf.nn.moments(grouped, axes=[1, 3], keepdims=True)
-        scale = tf.math.rsqrt(variance + self.epsilon)
-        if self.gamma is not None:
-            scale = scale * tf.reshape(tf.cast(self.gamma, tf.float32), group_shape)
-        offset = -mean * scale
-        if self.beta is not None:
-            offset = offset + tf.reshape(tf.cast(self.beta, tf.float32), group_shape)
-        outputs = grouped * scale + offset
-        return tf.cast(tf.reshape(outputs, tf.shape(inputs)), inputs.dtype)
+        gamma = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, tf.float32)
+        beta = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
+        if fast_ops_enabled():
+            return _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon)
+        return _group_norm_plain(inputs, gamma, beta, self.groups, self.epsilon)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -79,6 +86,92 @@ class GroupNorm(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon,
                 "center": self.center, "scale": self.scale}
+
+
+def _group_norm_plain(inputs, gamma, beta, groups, epsilon):
+    """GN written directly in TensorFlow ops, differentiated by autodiff: the reference."""
+    group_shape = [groups, inputs.shape[-1] // groups]
+    # [N, everything between batch and channels, G, C/G]: a free reshape of channels-last data.
+    grouped = tf.reshape(tf.cast(inputs, tf.float32), [tf.shape(inputs)[0], -1, *group_shape])
+    mean, variance = tf.nn.moments(grouped, axes=[1, 3], keepdims=True)
+    scale = tf.math.rsqrt(variance + epsilon) * tf.reshape(gamma, group_shape)
+    offset = tf.reshape(beta, group_shape) - mean * scale
+    outputs = grouped * scale + offset
+    return tf.cast(tf.reshape(outputs, tf.shape(inputs)), inputs.dtype)
+
+
+def _group_norm_fast(inputs, gamma, beta, groups, epsilon):
+    """GN with compiled forward and closed-form backward passes (float32 gamma and beta)."""
+
+    @tf.custom_gradient
+    def group_norm(x, gamma, beta):
+        outputs, mean, rstd = _group_norm_forward(x, gamma, beta, groups, epsilon)
+
+        def gradient(d_outputs):
+            return _group_norm_backward(d_outputs, x, gamma, mean, rstd, groups)
+        return outputs, gradient
+    return group_norm(inputs, gamma, beta)
+
+
+# The compiled kernels view the input as [N, S, C] (S = everything between batch and channels) and
+# reduce over S per channel first, then over the channels of a group: reductions along the
+# contiguous channel axis, which compile to far faster loops than reducing [N, S, G, C/G] over S
+# and C/G at once. Statistics are [N, G, 1]; `_per_channel` spreads them to [N, 1, C].
+
+def _group_mean(per_channel, groups):
+    """[N, C] -> the mean over each group's channels, [N, G, 1]."""
+    return tf.reduce_mean(tf.reshape(per_channel, [tf.shape(per_channel)[0], groups, -1]),
+                          axis=2, keepdims=True)
+
+
+def _per_channel(per_group, channels):
+    """[N, G, 1] -> [N, 1, C], each group's value repeated over its channels."""
+    batch, groups = tf.shape(per_group)[0], per_group.shape[1]
+    return tf.reshape(tf.broadcast_to(per_group, [batch, groups, channels // groups]),
+                      [batch, 1, channels])
+
+
+@tf.function(jit_compile=True)
+def _group_norm_forward(inputs, gamma, beta, groups, epsilon):
+    """Returns (outputs in the input dtype, mean [N, G, 1], 1 / std [N, G, 1]). Two passes over
+    the input for the statistics (mean, then the centered variance, which unlike E[x^2] - E[x]^2
+    keeps its precision when the mean is large) and one multiply-add to normalize."""
+    channels = inputs.shape[-1]
+    x = tf.reshape(tf.cast(inputs, tf.float32), [tf.shape(inputs)[0], -1, channels])
+    mean = _group_mean(tf.reduce_mean(x, axis=1), groups)
+    centered = x - _per_channel(mean, channels)
+    rstd = tf.math.rsqrt(_group_mean(tf.reduce_mean(tf.square(centered), axis=1), groups)
+                         + epsilon)
+    scale = _per_channel(rstd, channels) * gamma
+    outputs = x * scale + (beta - _per_channel(mean, channels) * scale)
+    return tf.cast(tf.reshape(outputs, tf.shape(inputs)), inputs.dtype), mean, rstd
+
+
+@tf.function(jit_compile=True)
+def _group_norm_backward(d_outputs, inputs, gamma, mean, rstd, groups):
+    """Gradients (inputs, gamma, beta) in closed form. With x_hat = (x - mean) * rstd, g = gamma,
+    dy the output gradient and <.> the mean over a group's positions and channels:
+
+        dx = rstd * (g * dy - <g * dy> - x_hat * <g * dy * x_hat>)
+
+    which is dy * a + x * b + c with a, b, c per (example, channel). One pass reading dy and x
+    gathers the per-channel sums of dy and dy * x that all of them need, one more writes dx."""
+    channels = inputs.shape[-1]
+    batch = tf.shape(inputs)[0]
+    x = tf.reshape(tf.cast(inputs, tf.float32), [batch, -1, channels])
+    dy = tf.reshape(tf.cast(d_outputs, tf.float32), [batch, -1, channels])
+    sum_dy = tf.reduce_sum(dy, axis=1)                                     # [N, C]
+    mean_c, rstd_c = _per_channel(mean, channels)[:, 0], _per_channel(rstd, channels)[:, 0]
+    sum_dy_x_hat = rstd_c * (tf.reduce_sum(dy * x, axis=1) - mean_c * sum_dy)   # [N, C]
+    mean_g_dy = _group_mean(gamma * sum_dy, groups) / tf.cast(tf.shape(x)[1], tf.float32)
+    mean_g_dy_x_hat = (_group_mean(gamma * sum_dy_x_hat, groups)
+                       / tf.cast(tf.shape(x)[1], tf.float32))
+    a = rstd_c * gamma
+    b = _per_channel(-rstd * rstd * mean_g_dy_x_hat, channels)[:, 0]
+    c = _per_channel(rstd * (mean * rstd * mean_g_dy_x_hat - mean_g_dy), channels)[:, 0]
+    d_inputs = dy * a[:, None] + x * b[:, None] + c[:, None]
+    return (tf.cast(tf.reshape(d_inputs, tf.shape(inputs)), inputs.dtype),
+            tf.reduce_sum(sum_dy_x_hat, axis=0), tf.reduce_sum(sum_dy, axis=0))
 
 
 @keras.saving.register_keras_serializable(package="gn")
@@ -111,7 +204,7 @@ class Conv2D(keras.layers.Conv2D):
         if self.weight_std:
             mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
             kernel = (kernel - mean) * tf.math.rsqrt(variance + self.ws_epsilon)
-        if self._map_within_kernel(inputs):
+        if fast_ops_enabled() and self._map_within_kernel(inputs):
             return self._patches_times_kernel(inputs, kernel)
         return super().convolution_op(inputs, kernel)
 

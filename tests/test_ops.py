@@ -561,3 +561,64 @@ def test_identity_residual_block_adds_input():
 def test_conv2d_refuses_padding_other_than_same():
     with pytest.raises(ValueError, match="pads 'same' only"):
         ops.Conv2D(4, 3, padding="valid")
+
+
+# Fast paths against the plain ops -----------------------------------------------------------------
+
+def _values_and_gradients(layer, x, dy):
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
+    return [t.numpy().astype(np.float32) for t in
+            [tf.cast(y, tf.float32), *tape.gradient(loss, [x, *layer.trainable_variables])]]
+
+
+FAST_CASES = [
+    pytest.param((4, 7, 5, 64), 32, "float32", 1e-5, id="float32"),
+    pytest.param((3, 6, 64), 8, "float32", 1e-5, id="rank3"),
+    pytest.param((2, 9, 9, 32), 32, "float32", 1e-5, id="instance"),
+    pytest.param((4, 7, 5, 64), 32, "mixed_bfloat16", 1e-2, id="bfloat16"),
+]
+
+
+@pytest.mark.parametrize("shape,groups,policy,rtol", FAST_CASES)
+def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, monkeypatch):
+    """Outputs and the gradients of x, gamma and beta, relative to their largest value (bfloat16:
+    both paths compute in float32 and round the output to 8 significand bits)."""
+    rng = np.random.default_rng(7)
+    x = _random_input(rng, shape) + 50.0  # a large mean: the variance must keep its precision
+    gamma, beta = _random_affine(rng, shape[-1])
+    dy = rng.standard_normal(shape).astype(np.float32)
+    layer = _make_gn(groups, shape, gamma, beta, dtype=policy)
+
+    fast = _values_and_gradients(layer, x, dy)
+    monkeypatch.setenv("GN_FAST_OPS", "0")
+    plain = _values_and_gradients(layer, x, dy)
+    for got, want in zip(fast, plain):
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= rtol * scale
+
+
+def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("fast path used")
+    monkeypatch.setattr(ops, "_group_norm_fast", refuse)
+    monkeypatch.setattr(ops.Conv2D, "_patches_times_kernel", refuse)
+    layer, conv = ops.GroupNorm(4), ops.Conv2D(8, 4, strides=2)
+    x = tf.random.normal([2, 4, 4, 8])
+    with pytest.raises(AssertionError, match="fast path used"):
+        layer(x)
+    for value in ("0", "false", "off"):
+        monkeypatch.setenv("GN_FAST_OPS", value)
+        assert layer(x).shape == x.shape and conv(x).shape == (2, 2, 2, 8)
+
+
+def test_fast_group_norm_in_a_function_with_unknown_batch():
+    layer = ops.GroupNorm(4)
+    traced = tf.function(lambda x: layer(x), input_signature=[tf.TensorSpec([None, 6, 6, 8])])
+    for batch in (1, 3):
+        x = tf.random.normal([batch, 6, 6, 8]) * 2 + 1
+        y, _, _ = np_group_norm(x.numpy(), np.ones(8, np.float32), np.zeros(8, np.float32), 4)
+        np.testing.assert_allclose(traced(x).numpy(), y, atol=1e-4)
