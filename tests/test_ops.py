@@ -577,6 +577,7 @@ def _values_and_gradients(layer, x, dy):
 
 FAST_CASES = [
     pytest.param((4, 7, 5, 64), 32, "float32", 1e-5, id="float32"),
+    pytest.param((4, 32, 32, 32), 8, "float32", 1e-5, id="xla_compiled"),
     pytest.param((3, 6, 64), 8, "float32", 1e-5, id="rank3"),
     pytest.param((2, 9, 9, 32), 32, "float32", 1e-5, id="instance"),
     pytest.param((4, 7, 5, 64), 32, "mixed_bfloat16", 1e-2, id="bfloat16"),

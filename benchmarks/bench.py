@@ -1,0 +1,338 @@
+"""Measures speed on this machine and prints ratios (absolute times vary between machines).
+
+    python benchmarks/bench.py                     # every section, a table each
+    python benchmarks/bench.py --quick --json      # fewer repeats; machine-readable
+    python benchmarks/bench.py --sections norm step
+    GN_FAST_OPS=0 python benchmarks/bench.py       # the same with the plain ops
+
+Sections:
+  norm     normalization layers, forward + backward, over keras BatchNormalization (which in Keras
+           3 is tf.nn.moments + tf.nn.batch_normalization, not a fused kernel) on three shapes, in
+           float32 and bfloat16
+  step     one training step (forward, backward, Adam) of each model with BN and GN at batch 2 and
+           32: ms, images/s, GN / BN, and step / forward-only
+  input    the tf.data pipeline from an HDF5 file: images/s, and the fraction of a training step
+           spent waiting for input
+  convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
+
+Every candidate of a comparison is timed in the same process, interleaved, best of several rounds.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import input_ops  # noqa: E402
+import model as model_lib  # noqa: E402
+import ops  # noqa: E402
+from datasets import hdf5_format  # noqa: E402
+
+SECTIONS = ("norm", "step", "input", "convert")
+NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
+GROUPS = 32
+MODELS = {"conv": (32, 3, 32), "resnet20": (32, 3, 8), "resnet": (64, 3, 32)}  # size, C, GN G
+STEP_BATCHES = (2, 32)
+TARGETS = [  # (name, what it measures, limit)
+    ("GN / BN layer, [32,32,32,64]", "norm", 0.8),
+    ("GN / keras GN layer, [8,56,56,256]", "norm", 0.4),
+    ("train step GN / BN, conv and resnet20, batch 2 and 32 (worst)", "step", 1.0),
+    ("train step / forward-only, conv, batch 32", "step", 6.0),
+    ("input wait fraction, 32x32x3 crop+flip", "input", 0.05),
+]
+
+
+def fastest(candidates, rounds, seconds_per_round):
+    """{name: seconds per call}: each candidate's best round of about `seconds_per_round`. The
+    rounds are interleaved, in a new random order each time, so that slow spells of the machine
+    and the cache left by the previous candidate hit every candidate alike."""
+    for fn in candidates.values():
+        _seconds(fn, 1)  # trace and compile
+    repeats = {name: max(1, round(seconds_per_round / _seconds(fn, 1)))
+               for name, fn in candidates.items()}
+    best = dict.fromkeys(candidates, float("inf"))
+    order = list(candidates)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            best[name] = min(best[name], _seconds(candidates[name], repeats[name]))
+    return best
+
+
+def _seconds(fn, repeats):
+    """Seconds per call of `repeats` calls, waiting for the last result."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = fn()
+    tf.nest.map_structure(lambda t: t.numpy(), result)
+    return (time.perf_counter() - start) / repeats
+
+
+# Normalization layers ---------------------------------------------------------------------------
+
+def norm_layers(channels, policy):
+    return {
+        "batch (keras)": keras.layers.BatchNormalization(epsilon=1e-5, dtype=policy),
+        "group (ours)": ops.GroupNorm(GROUPS, dtype=policy),
+        "group (keras)": keras.layers.GroupNormalization(GROUPS, epsilon=1e-5, dtype=policy),
+        "layer (ours)": ops.GroupNorm(1, dtype=policy),
+        "instance (ours)": ops.GroupNorm(channels, dtype=policy),
+    }
+
+
+def forward_backward(layer, x, dy):
+    """A function running the layer forward and back (gradients of x and of its weights)."""
+    layer.build(x.shape)
+
+    @tf.function
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, [x, *layer.trainable_variables], output_gradients=dy)
+    return run
+
+
+def bench_norm(rounds, seconds):
+    rows = []
+    for dtype, policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16")):
+        for shape in NORM_SHAPES:
+            x = tf.cast(tf.random.normal(shape) * 3 + 1, dtype)
+            dy = tf.cast(tf.random.normal(shape), dtype)
+            layers = norm_layers(shape[-1], policy)
+            times = fastest({name: forward_backward(layer, x, dy)
+                             for name, layer in layers.items()}, rounds, seconds)
+            rows.append({"dtype": dtype, "shape": list(shape),
+                         "ms": {name: 1000 * t for name, t in times.items()},
+                         "gn_over_bn": times["group (ours)"] / times["batch (keras)"],
+                         "gn_over_keras_gn": times["group (ours)"] / times["group (keras)"]})
+    return rows
+
+
+def print_norm(rows):
+    names = list(rows[0]["ms"])
+    print("Normalization layer, forward + backward: ms (ratio to keras BatchNormalization)")
+    print(f"  {'dtype':9}{'shape':18}" + "".join(f"{name:>22}" for name in names)
+          + f"{'GN/keras GN':>13}")
+    for row in rows:
+        bn = row["ms"]["batch (keras)"]
+        cells = "".join(f"{f'{ms:.2f} ({ms / bn:.2f}x)':>22}" for ms in row["ms"].values())
+        print(f"  {row['dtype']:9}{str(row['shape']):18}{cells}{row['gn_over_keras_gn']:>12.2f}x")
+
+
+# Training steps ---------------------------------------------------------------------------------
+
+def step_functions(model_name, norm_type, batch_size):
+    """(train step, forward-only) functions on a fixed random batch."""
+    size, channels, groups = MODELS[model_name]
+    net = model_lib.build_model(model_name, (size, size, channels), 10, norm_type,
+                                groups=groups)
+    optimizer = keras.optimizers.Adam(1e-3)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    images = tf.random.uniform((batch_size, size, size, channels))
+    labels = tf.zeros((batch_size,), tf.int32)
+
+    @tf.function
+    def train_step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, net(images, training=True))
+        gradients = tape.gradient(loss, net.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, net.trainable_variables))
+        return loss
+
+    @tf.function
+    def forward():
+        return net(images, training=True)
+    return train_step, forward
+
+
+def bench_step(models, rounds, seconds):
+    rows = []
+    for model_name in models:
+        for batch_size in STEP_BATCHES:
+            candidates = {}
+            for norm_type in ("batch", "group"):
+                step, forward = step_functions(model_name, norm_type, batch_size)
+                candidates[(norm_type, "step")] = step
+                candidates[(norm_type, "forward")] = forward
+            times = fastest(candidates, rounds, seconds)
+            for norm_type in ("batch", "group"):
+                step_s = times[(norm_type, "step")]
+                rows.append({"model": model_name, "batch": batch_size, "norm": norm_type,
+                             "step_ms": 1000 * step_s, "images_per_s": batch_size / step_s,
+                             "step_over_forward": step_s / times[(norm_type, "forward")],
+                             "gn_over_bn": times[("group", "step")] / times[("batch", "step")]})
+    return rows
+
+
+def print_step(rows):
+    print("Training step (forward, backward, Adam) on a fixed batch")
+    print(f"  {'model':10}{'batch':>6}{'norm':>7}{'ms/step':>10}{'images/s':>10}"
+          f"{'step/fwd':>10}{'GN/BN':>8}")
+    for row in rows:
+        print(f"  {row['model']:10}{row['batch']:>6}{row['norm']:>7}{row['step_ms']:>10.1f}"
+              f"{row['images_per_s']:>10.0f}{row['step_over_forward']:>10.2f}"
+              f"{row['gn_over_bn']:>8.2f}")
+
+
+# Input pipeline ---------------------------------------------------------------------------------
+
+def write_random_dataset(folder, name, count, shape):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 10, count)
+    hdf5_format.write_dataset(os.path.join(folder, name, "data.hdf5"),
+                              {"train": (images, labels), "test": (images[:100], labels[:100])},
+                              [str(i) for i in range(10)], {})
+
+
+def images_per_second(dataset, batches):
+    iterator = iter(dataset)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        images, _ = next(iterator)
+    return batches * int(images.shape[0]) / (time.perf_counter() - start)
+
+
+def wait_fraction(data, rounds, seconds):
+    """1 - (step time on a fixed batch) / (step time fed by the pipeline), for the conv net with
+    GN at batch 64 and crop + flip: the share of a step spent waiting for input."""
+    net = model_lib.build_model("conv", data.image_shape, 10, "group")
+    optimizer = keras.optimizers.Adam(1e-3)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    iterator = iter(input_ops.train_dataset(data, 64, seed=0, augment=True))
+    fixed = next(iterator)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, net(images, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, net.trainable_variables),
+                                      net.trainable_variables))
+        return loss
+
+    times = fastest({"fixed": lambda: step(*fixed), "fed": lambda: step(*next(iterator))},
+                    rounds, seconds)
+    return max(0.0, 1 - times["fixed"] / times["fed"])
+
+
+def bench_input(batches, rounds, seconds):
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, shape in (("gray28", (28, 28, 1)), ("color32", (32, 32, 3))):
+            write_random_dataset(folder, name, 20_000, shape)
+            _, data = input_ops.load(name, folder)
+            for augment in (False, True):
+                rate = images_per_second(input_ops.train_dataset(data, 64, 0, augment), batches)
+                rows.append({"images": "x".join(map(str, shape)), "augment": augment,
+                             "images_per_s": rate})
+        rows[-1]["wait_fraction"] = wait_fraction(data, rounds, seconds)
+    return rows
+
+
+def print_input(rows):
+    print("Input pipeline from HDF5, batch 64")
+    for row in rows:
+        line = (f"  {row['images']:9} {'crop+flip' if row['augment'] else 'plain':10}"
+                f"{row['images_per_s']:>10.0f} images/s")
+        if "wait_fraction" in row:
+            line += f", {100 * row['wait_fraction']:.1f}% of a conv-net GN step waiting"
+        print(line)
+
+
+# Conversion -------------------------------------------------------------------------------------
+
+def bench_convert():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (70_000, 28, 28, 1), dtype=np.uint8)
+    images[:, :4] = 0  # blank borders like the real digits and clothes
+    labels = rng.integers(0, 10, 70_000)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        hdf5_format.write_dataset(os.path.join(folder, "data.hdf5"),
+                                  {"train": (images[:60_000], labels[:60_000]),
+                                   "test": (images[60_000:], labels[60_000:])},
+                                  [str(i) for i in range(10)], {})
+        return {"seconds": time.perf_counter() - start, "images": 70_000}
+
+
+# Report -----------------------------------------------------------------------------------------
+
+def target_values(results):
+    """The measured value of each target in TARGETS that was run, in TARGETS' order."""
+    values = {}
+    if "norm" in results:
+        float32 = [row for row in results["norm"] if row["dtype"] == "float32"]
+        values[TARGETS[0][0]] = next(r["gn_over_bn"] for r in float32
+                                     if r["shape"] == [32, 32, 32, 64])
+        values[TARGETS[1][0]] = next(r["gn_over_keras_gn"] for r in float32
+                                     if r["shape"] == [8, 56, 56, 256])
+    if "step" in results:
+        ratios = [r["gn_over_bn"] for r in results["step"] if r["model"] in ("conv", "resnet20")]
+        conv32 = [r["step_over_forward"] for r in results["step"]
+                  if (r["model"], r["batch"]) == ("conv", 32)]
+        if ratios:
+            values[TARGETS[2][0]] = max(ratios)
+        if conv32:
+            values[TARGETS[3][0]] = max(conv32)
+    if "input" in results:
+        values[TARGETS[4][0]] = results["input"][-1]["wait_fraction"]
+    return values
+
+
+def print_targets(values):
+    print("Targets")
+    for name, _, limit in TARGETS:
+        if name in values:
+            verdict = "met" if values[name] <= limit else "NOT met"
+            print(f"  {name}: {values[name]:.2f} (target <= {limit}) {verdict}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="models of the step section")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, noisier numbers")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rounds, seconds = (3, 0.1) if args.quick else (10, 0.2)
+    runners = {
+        "norm": lambda: bench_norm(rounds, seconds),
+        "step": lambda: bench_step(args.models, rounds, seconds),
+        "input": lambda: bench_input(20 if args.quick else 100, rounds, seconds),
+        "convert": bench_convert,
+    }
+    printers = {"norm": print_norm, "step": print_step, "input": print_input,
+                "convert": lambda r: print(f"HDF5 conversion of {r['images']:,} 28x28 images: "
+                                           f"{r['seconds']:.2f} s")}
+    results = {"fast_ops": ops.fast_ops_enabled()}
+    for section in args.sections:
+        results[section] = runners[section]()
+        if not args.json:
+            printers[section](results[section])
+    results["targets"] = target_values(results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_targets(results["targets"])
+
+
+if __name__ == "__main__":
+    main()
