@@ -12,6 +12,7 @@ Everything here is channels-last. No flags, no I/O.
 Fast paths (GroupNorm's compiled kernels, Conv2D's patches product) give the same numbers as the
 plain TensorFlow ops; set the environment variable GN_FAST_OPS=0 to use the plain ops instead.
 """
+import functools
 import os
 
 import keras
@@ -73,14 +74,18 @@ class GroupNorm(keras.layers.Layer):
                                      trainable=True) if self.scale else None
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
                                     trainable=True) if self.center else None
+        self._compiled_kernels = tuple(_compiled(kernel) for kernel in _KERNELS)
 
     def call(self, inputs):
         channels = inputs.shape[-1]
         gamma = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, tf.float32)
         beta = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
-        if fast_ops_enabled():
-            return _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon)
-        return _group_norm_plain(inputs, gamma, beta, self.groups, self.epsilon)
+        if not fast_ops_enabled():
+            return _group_norm_plain(inputs, gamma, beta, self.groups, self.epsilon)
+        size = inputs.shape.num_elements()
+        compiled = size is None or size >= XLA_MIN_ELEMENTS
+        kernels = self._compiled_kernels if compiled else _KERNELS
+        return _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon, kernels)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -102,12 +107,10 @@ def _group_norm_plain(inputs, gamma, beta, groups, epsilon):
     return tf.cast(tf.reshape(outputs, tf.shape(inputs)), inputs.dtype)
 
 
-def _group_norm_fast(inputs, gamma, beta, groups, epsilon):
-    """GN with a closed-form backward pass (float32 gamma and beta), its two kernels compiled by
-    XLA for tensors of XLA_MIN_ELEMENTS or more (or of unknown size)."""
-    size = inputs.shape.num_elements()
-    compiled = size is None or size >= XLA_MIN_ELEMENTS
-    forward, backward = _COMPILED_KERNELS if compiled else _KERNELS
+def _group_norm_fast(inputs, gamma, beta, groups, epsilon, kernels):
+    """GN with a closed-form backward pass (float32 gamma and beta); `kernels` are the forward
+    and backward functions, XLA-compiled or not."""
+    forward, backward = kernels
 
     @tf.custom_gradient
     def group_norm(x, gamma, beta):
@@ -181,7 +184,14 @@ def _group_norm_backward(d_outputs, inputs, gamma, mean, rstd, groups):
 # (a [2, 32, 32, 16] tensor runs faster as ordinary TensorFlow ops, a [32, 8, 8, 64] one compiled).
 XLA_MIN_ELEMENTS = 1 << 16
 _KERNELS = (_group_norm_forward, _group_norm_backward)
-_COMPILED_KERNELS = tuple(tf.function(kernel, jit_compile=True) for kernel in _KERNELS)
+
+
+def _compiled(kernel):
+    """`kernel` compiled by XLA, one per layer so that each traces only its own input shapes (one
+    per batch size). TensorFlow counts traces per code object and warns after five, which a net
+    with five GN layers of different shapes would reach sharing one function; a partial has no
+    code object of its own, so each layer's traces are counted apart."""
+    return tf.function(functools.partial(kernel), jit_compile=True, autograph=False)
 
 
 @keras.saving.register_keras_serializable(package="gn")
