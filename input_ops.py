@@ -57,9 +57,7 @@ def eval_dataset(data, batch_size):
     indices = tf.data.Dataset.range(data.num_test)
     if isinstance(data, image_tree.ImageTree):
         examples = indices.map(_gatherer(data.test_files, data.test_labels))
-        central_crop = functools.partial(_central_crop, image_size=data.image_size)
-        batches = examples.map(central_crop, num_parallel_calls=AUTOTUNE,
-                               deterministic=True).batch(batch_size)
+        batches = _central_crops(examples, data.image_size).batch(batch_size)
     else:
         batches = indices.batch(batch_size).map(_gatherer(data.test_images, data.test_labels),
                                                 num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -136,8 +134,7 @@ def _streamed_batches(files, labels, image_size, batch_size, seed, augment):
         examples = tf.data.Dataset.zip(examples, _seeds(seed)).map(
             random_crop, num_parallel_calls=AUTOTUNE, deterministic=True)
     else:
-        central_crop = functools.partial(_central_crop, image_size=image_size)
-        examples = examples.map(central_crop, num_parallel_calls=AUTOTUNE, deterministic=True)
+        examples = _central_crops(examples, image_size)
     options = tf.data.Options()
     options.experimental_symbolic_checkpoint = True
     return _float_batches(examples.batch(batch_size, drop_remainder=True)).with_options(options)
@@ -184,6 +181,12 @@ def _decode_random_box(contents, seed):
         top, left, height, width = tf.unstack(window(tf.shape(image)))
         return image[top:top + height, left:left + width]
     return tf.cond(tf.io.is_jpeg(contents), jpeg, other_format)
+
+
+def _central_crops(examples, image_size):
+    """(path, label) examples -> (evaluation crop, label), decoded in parallel, in order."""
+    central_crop = functools.partial(_central_crop, image_size=image_size)
+    return examples.map(central_crop, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 def _central_crop(path, label, image_size):

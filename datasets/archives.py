@@ -8,6 +8,7 @@ refused as a whole before anything is read: such an archive is not the published
 CIFAR batches are pickles. They are loaded with an unpickler that can build only plain
 containers and numpy arrays, so a crafted pickle cannot run code even when checksums are waived.
 """
+import contextlib
 import io
 import pickle
 import posixpath
@@ -19,10 +20,12 @@ import numpy as np
 from util import UsageError
 
 # What the real CIFAR pickles reference: numpy 1 names (the published files, pickled by Python 2)
-# and their numpy 2 spelling (files pickled today).
+# and their numpy 2 spelling (files pickled today). The array rebuilder is taken from how numpy
+# pickles an array, so numpy's deprecated `numpy.core` module is never imported.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
 _PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
-    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
@@ -37,16 +40,30 @@ def open_tar(path):
     except (tarfile.TarError, OSError, EOFError) as error:
         raise UsageError(f"{path} is not a readable tar archive ({error}); fetch it "
                          "again") from None
-    for member in members:
-        check_member_name(path, member.name)
-        if member.issym() or member.islnk():
-            target = posixpath.join(posixpath.dirname(member.name), member.linkname) \
-                if member.issym() else member.linkname
-            check_member_name(path, target, f"link {member.name} -> {member.linkname}")
-        elif not (member.isfile() or member.isdir()):
-            raise UsageError(f"refusing {path}: member {member.name} is a device or pipe, not a "
-                             "file; the archive is not the published one")
+    with _closed_if_refused(tar):
+        for member in members:
+            _check_tar_member(path, member)
     return tar
+
+
+def _check_tar_member(path, member):
+    check_member_name(path, member.name)
+    if member.issym() or member.islnk():
+        target = posixpath.join(posixpath.dirname(member.name), member.linkname) \
+            if member.issym() else member.linkname
+        check_member_name(path, target, f"link {member.name} -> {member.linkname}")
+    elif not (member.isfile() or member.isdir()):
+        raise UsageError(f"refusing {path}: member {member.name} is a device or pipe, not a "
+                         "file; the archive is not the published one")
+
+
+@contextlib.contextmanager
+def _closed_if_refused(archive):
+    try:
+        yield
+    except UsageError:
+        archive.close()
+        raise
 
 
 def read_tar_member(tar, path, name):
@@ -63,8 +80,9 @@ def open_zip(path):
     except (zipfile.BadZipFile, OSError) as error:
         raise UsageError(f"{path} is not a readable zip archive ({error}); fetch it "
                          "again") from None
-    for name in archive.namelist():
-        check_member_name(path, name)
+    with _closed_if_refused(archive):
+        for name in archive.namelist():
+            check_member_name(path, name)
     return archive
 
 

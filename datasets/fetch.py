@@ -46,8 +46,13 @@ def expected_provenance(raw_files):
 
 def file_digest(path, raw_file):
     """Hex digest of the file, or of its decompressed payload when the checksum covers that."""
-    digest = hashlib.new(raw_file.algorithm)
-    opener = gzip.open if raw_file.gzip_payload else open
+    return hex_digest(path, raw_file.algorithm, raw_file.gzip_payload)
+
+
+def hex_digest(path, algorithm="sha256", gzip_payload=False):
+    """Hex digest of the file at `path`, or of its gzip-decompressed content."""
+    digest = hashlib.new(algorithm)
+    opener = gzip.open if gzip_payload else open
     try:
         with opener(path, "rb") as f:
             for block in iter(lambda: f.read(_BLOCK), b""):

@@ -3,7 +3,6 @@
     python datasets/make_sample.py            # writes datasets/sample/data.hdf5
 """
 import argparse
-import hashlib
 import os
 import sys
 
@@ -12,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import util  # noqa: E402
-from datasets import hdf5_format, idx, registry  # noqa: E402
+from datasets import fetch, hdf5_format, idx, registry  # noqa: E402
 
 RAW_FILES = {split: (f"{split}-images-idx3-ubyte.gz", f"{split}-labels-idx1-ubyte.gz")
              for split in ("train", "t10k")}
@@ -32,14 +31,6 @@ def parse_args(argv):
     parser.add_argument("--test_per_class", type=int, default=100,
                         help="test examples drawn per class")
     return parser.parse_args(argv)
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def balanced_subset(labels, per_class, rng):
@@ -71,7 +62,7 @@ def main(argv=None):
         labels = idx.read_idx(paths[labels_file])
         keep = balanced_subset(labels, per_class[split], rng)
         splits[OUT_SPLITS[split]] = (images[keep, :, :, None], labels[keep])
-    provenance = {f"sha256:{name}": sha256_file(path) for name, path in paths.items()}
+    provenance = {f"sha256:{name}": fetch.hex_digest(path) for name, path in paths.items()}
     hdf5_format.write_dataset(args.out, splits, registry.FASHION_CLASS_NAMES, provenance)
     util.log.info("wrote %s: %d train, %d test examples, %.2f MB", args.out,
                   len(splits["train"][1]), len(splits["test"][1]), os.path.getsize(args.out) / 1e6)

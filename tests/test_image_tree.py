@@ -255,7 +255,8 @@ def test_test_sample_dataset_is_endless(tree):
 
 def test_train_continue_and_evaluate_on_imagenet(tree_root, tmp_path, capsys):
     data_dir = tmp_path / "data"
-    download.main(["--dataset", "ImageNet", "--imagenet_dir", tree_root, "--data_dir", str(data_dir)])
+    download.main(["--dataset", "ImageNet", "--imagenet_dir", tree_root,
+                   "--data_dir", str(data_dir)])
     train_dir = tmp_path / "train_dir"
     flags = ["--dataset", "ImageNet", "--data_dir", str(data_dir), "--train_dir", str(train_dir),
              "--batch_size", "2", "--max_batch_size", "2", "--model", "conv", "--log_step", "1",
