@@ -15,7 +15,8 @@ Sections:
            spent waiting for input
   convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
 
-Every candidate of a comparison is timed in the same process, interleaved, best of several rounds.
+Every candidate of a comparison is timed in the same process, interleaved in several rounds:
+times are the best round, ratios the median over rounds of the two candidates' times in a round.
 """
 import argparse
 import json
@@ -42,6 +43,7 @@ NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
 GROUPS = 32
 MODELS = {"conv": (32, 3, 32), "resnet20": (32, 3, 8), "resnet": (64, 3, 32)}  # size, C, GN G
 STEP_BATCHES = (2, 32)
+STEP_INSTANCES = 2
 TARGETS = [  # (name, limit)
     ("GN / BN layer, [32,32,32,64]", 0.8),
     ("GN / keras GN layer, [8,56,56,256]", 0.4),
@@ -51,21 +53,35 @@ TARGETS = [  # (name, limit)
 ]
 
 
-def fastest(candidates, rounds, seconds_per_round):
-    """{name: seconds per call}: each candidate's best round of about `seconds_per_round`. The
-    rounds are interleaved, in a new random order each time, so that slow spells of the machine
-    and the cache left by the previous candidate hit every candidate alike."""
+def time_rounds(candidates, rounds, seconds_per_round):
+    """{name: [seconds per call in each round]}. The rounds are interleaved, in a new random order
+    each time, so that slow spells of the machine and the cache left by the previous candidate hit
+    every candidate alike."""
     for fn in candidates.values():
         _seconds(fn, 1)  # trace and compile
     repeats = {name: max(1, round(seconds_per_round / _seconds(fn, 1)))
                for name, fn in candidates.items()}
-    best = dict.fromkeys(candidates, float("inf"))
+    times = {name: [] for name in candidates}
     order = list(candidates)
     for _ in range(rounds):
         random.shuffle(order)
         for name in order:
-            best[name] = min(best[name], _seconds(candidates[name], repeats[name]))
-    return best
+            times[name].append(_seconds(candidates[name], repeats[name]))
+    return times
+
+
+def best(times):
+    """{name: its fastest round's seconds per call}."""
+    return {name: min(rounds) for name, rounds in times.items()}
+
+
+def ratio(times, numerators, denominators):
+    """The median over rounds of the numerators' summed time / the denominators' summed time in
+    the same round: pairing them within a round cancels the machine's slow spells, which a ratio
+    of best rounds does not."""
+    def summed(names):
+        return np.sum([times[name] for name in names], axis=0)
+    return float(np.median(summed(numerators) / summed(denominators)))
 
 
 def _seconds(fn, repeats):
@@ -109,12 +125,13 @@ def bench_norm(rounds, seconds):
             x = tf.cast(tf.random.normal(shape) * 3 + 1, dtype)
             dy = tf.cast(tf.random.normal(shape), dtype)
             layers = norm_layers(shape[-1], policy)
-            times = fastest({name: forward_backward(layer, x, dy)
-                             for name, layer in layers.items()}, rounds, seconds)
+            times = time_rounds({name: forward_backward(layer, x, dy)
+                                 for name, layer in layers.items()}, rounds, seconds)
             rows.append({"dtype": dtype, "shape": list(shape),
-                         "ms": {name: 1000 * t for name, t in times.items()},
-                         "gn_over_bn": times["group (ours)"] / times["batch (keras)"],
-                         "gn_over_keras_gn": times["group (ours)"] / times["group (keras)"]})
+                         "ms": {name: 1000 * t for name, t in best(times).items()},
+                         "over_bn": {name: ratio(times, [name], ["batch (keras)"]) for name in times},
+                         "gn_over_bn": ratio(times, ["group (ours)"], ["batch (keras)"]),
+                         "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"])})
     return rows
 
 
@@ -124,8 +141,8 @@ def print_norm(rows):
     print(f"  {'dtype':9}{'shape':18}" + "".join(f"{name:>22}" for name in names)
           + f"{'GN/keras GN':>13}")
     for row in rows:
-        bn = row["ms"]["batch (keras)"]
-        cells = "".join(f"{f'{ms:.2f} ({ms / bn:.2f}x)':>22}" for ms in row["ms"].values())
+        cells = "".join(f"{f'{ms:.2f} ({over_bn:.2f}x)':>22}"
+                        for ms, over_bn in zip(row["ms"].values(), row["over_bn"].values()))
         print(f"  {row['dtype']:9}{str(row['shape']):18}{cells}{row['gn_over_keras_gn']:>12.2f}x")
 
 
@@ -159,21 +176,31 @@ def step_functions(model_name, norm_type, batch_size):
 
 
 def bench_step(models, rounds, seconds):
+    """Each model and norm is built STEP_INSTANCES times and their times summed: identical
+    instances of a model differ by a few percent on a shared machine (where their memory lies),
+    as much as GN and BN differ in a conv-dominated step."""
     rows = []
     for model_name in models:
         for batch_size in STEP_BATCHES:
             candidates = {}
             for norm_type in ("batch", "group"):
-                step, forward = step_functions(model_name, norm_type, batch_size)
-                candidates[(norm_type, "step")] = step
-                candidates[(norm_type, "forward")] = forward
-            times = fastest(candidates, rounds, seconds)
+                for instance in range(STEP_INSTANCES):
+                    step, forward = step_functions(model_name, norm_type, batch_size)
+                    candidates[(norm_type, "step", instance)] = step
+                    candidates[(norm_type, "forward", instance)] = forward
+            times = time_rounds(candidates, rounds, seconds)
+            fastest = best(times)
+
+            def keys(norm_type, kind):
+                return [(norm_type, kind, instance) for instance in range(STEP_INSTANCES)]
             for norm_type in ("batch", "group"):
-                step_s = times[(norm_type, "step")]
+                step_s = min(fastest[key] for key in keys(norm_type, "step"))
                 rows.append({"model": model_name, "batch": batch_size, "norm": norm_type,
                              "step_ms": 1000 * step_s, "images_per_s": batch_size / step_s,
-                             "step_over_forward": step_s / times[(norm_type, "forward")],
-                             "gn_over_bn": times[("group", "step")] / times[("batch", "step")]})
+                             "step_over_forward": ratio(times, keys(norm_type, "step"),
+                                                        keys(norm_type, "forward")),
+                             "gn_over_bn": ratio(times, keys("group", "step"),
+                                                 keys("batch", "step"))})
     return rows
 
 
@@ -213,9 +240,9 @@ def wait_fraction(data, rounds, seconds):
     step = train_step_function(model_lib.build_model("conv", data.image_shape, 10, "group"))
     iterator = iter(input_ops.train_dataset(data, 64, seed=0, augment=True))
     fixed = next(iterator)
-    times = fastest({"fixed": lambda: step(*fixed), "fed": lambda: step(*next(iterator))},
-                    rounds, seconds)
-    return max(0.0, 1 - times["fixed"] / times["fed"])
+    times = time_rounds({"fixed": lambda: step(*fixed), "fed": lambda: step(*next(iterator))},
+                        rounds, seconds)
+    return max(0.0, 1 - ratio(times, ["fixed"], ["fed"]))
 
 
 def bench_input(batches, rounds, seconds):

@@ -454,15 +454,20 @@ def test_ws_conv2d_equals_conv2d_with_standardized_kernel(strides):
     assert not np.allclose(y_ws, plain(x).numpy(), atol=1e-2)
 
 
-@pytest.mark.parametrize("size, kernel_size, strides", [(4, 4, 2), (3, 4, 2), (2, 3, 1), (4, 3, 2),
-                                                      (2, (3, 2), (1, 2))])
-def test_conv2d_on_small_maps_equals_keras_conv2d_with_gradients(size, kernel_size, strides):
-    """Maps no larger than the kernel take the patches @ kernel path; it must give Keras's
-    'same'-padded convolution and its gradients."""
+@pytest.mark.parametrize("size, kernel_size, strides, channels", [
+    (4, 4, 2, 5), (3, 4, 2, 5), (2, 3, 1, 5), (3, 3, 2, 5), (2, (3, 2), (1, 2), 5),  # within kernel
+    (8, 3, 1, 128), (7, 4, 2, 128), (5, 3, 2, 130), (8, 1, 1, 128),  # <= 8x8, >= 128 channels
+])
+def test_conv2d_on_small_maps_equals_keras_conv2d_with_gradients(size, kernel_size, strides,
+                                                                channels):
+    """Small maps take the patches @ kernel path (both ways of its backward product: the last case
+    has more patch rows than columns); it must give Keras's 'same'-padded convolution and its
+    gradients."""
     rng = np.random.default_rng(13)
-    x = tf.constant(_random_input(rng, (3, size, size, 5), loc=0.3, scale=1.0))
+    x = tf.constant(_random_input(rng, (3, size, size, channels), loc=0.3, scale=1.0))
     ours = ops.Conv2D(7, kernel_size, strides=strides, use_bias=True)
     ours.build(x.shape)
+    assert ours._small_map(x)
     plain = keras.layers.Conv2D(7, kernel_size, strides=strides, padding="same", use_bias=True)
     plain.build(x.shape)
     plain.set_weights([rng.standard_normal(ours.kernel.shape).astype(np.float32),
@@ -593,6 +598,26 @@ def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, monkeypa
     gamma, beta = _random_affine(rng, shape[-1])
     dy = rng.standard_normal(shape).astype(np.float32)
     layer = _make_gn(groups, shape, gamma, beta, dtype=policy)
+
+    fast = _values_and_gradients(layer, x, dy)
+    monkeypatch.setenv("GN_FAST_OPS", "0")
+    plain = _values_and_gradients(layer, x, dy)
+    for got, want in zip(fast, plain):
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= rtol * scale
+
+
+@pytest.mark.parametrize("policy,rtol", [("float32", 1e-5), ("mixed_bfloat16", 1e-2)])
+def test_fast_conv2d_equals_plain_path(policy, rtol, monkeypatch):
+    """The patches path of a small map against TensorFlow's convolution: outputs and the
+    gradients of x, kernel and bias, relative to their largest value."""
+    rng = np.random.default_rng(8)
+    x = _random_input(rng, (3, 4, 4, 128))
+    layer = ops.Conv2D(16, 3, strides=2, use_bias=True, dtype=policy)
+    layer.build(x.shape)
+    layer.bias.assign(rng.standard_normal(16).astype(np.float32))
+    assert layer._small_map(tf.constant(x))
+    dy = rng.standard_normal((3, 2, 2, 16)).astype(np.float32)
 
     fast = _values_and_gradients(layer, x, dy)
     monkeypatch.setenv("GN_FAST_OPS", "0")
