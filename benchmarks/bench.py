@@ -16,7 +16,8 @@ Sections:
   convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
 
 Every candidate of a comparison is timed in the same process, interleaved in several rounds:
-times are the best round, ratios the median over rounds of the two candidates' times in a round.
+times are the median round, ratios the median over rounds of the two candidates' times in a
+round.
 """
 import argparse
 import json
@@ -70,9 +71,9 @@ def time_rounds(candidates, rounds, seconds_per_round):
     return times
 
 
-def best(times):
-    """{name: its fastest round's seconds per call}."""
-    return {name: min(rounds) for name, rounds in times.items()}
+def median(times):
+    """{name: its median round's seconds per call}."""
+    return {name: float(np.median(rounds)) for name, rounds in times.items()}
 
 
 def ratio(times, numerators, denominators):
@@ -128,7 +129,7 @@ def bench_norm(rounds, seconds):
             times = time_rounds({name: forward_backward(layer, x, dy)
                                  for name, layer in layers.items()}, rounds, seconds)
             rows.append({"dtype": dtype, "shape": list(shape),
-                         "ms": {name: 1000 * t for name, t in best(times).items()},
+                         "ms": {name: 1000 * t for name, t in median(times).items()},
                          "over_bn": {name: ratio(times, [name], ["batch (keras)"]) for name in times},
                          "gn_over_bn": ratio(times, ["group (ours)"], ["batch (keras)"]),
                          "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"])})
@@ -189,12 +190,12 @@ def bench_step(models, rounds, seconds):
                     candidates[(norm_type, "step", instance)] = step
                     candidates[(norm_type, "forward", instance)] = forward
             times = time_rounds(candidates, rounds, seconds)
-            fastest = best(times)
+            typical = median(times)
 
             def keys(norm_type, kind):
                 return [(norm_type, kind, instance) for instance in range(STEP_INSTANCES)]
             for norm_type in ("batch", "group"):
-                step_s = min(fastest[key] for key in keys(norm_type, "step"))
+                step_s = float(np.mean([typical[key] for key in keys(norm_type, "step")]))
                 rows.append({"model": model_name, "batch": batch_size, "norm": norm_type,
                              "step_ms": 1000 * step_s, "images_per_s": batch_size / step_s,
                              "step_over_forward": ratio(times, keys(norm_type, "step"),
