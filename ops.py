@@ -265,7 +265,8 @@ def _patch_indices(size, kernel_size, strides):
     """(indices, out_height, out_width) of a 'same'-padded convolution: for each output position
     and kernel offset (row-major), the flattened input position it reads, or H*W in the
     padding."""
-    (height, width), (kernel_height, kernel_width), (stride_h, stride_w) = size, kernel_size, strides
+    (height, width), (kernel_height, kernel_width) = size, kernel_size
+    stride_h, stride_w = strides
     out_height, out_width = -(-height // stride_h), -(-width // stride_w)
     top = max((out_height - 1) * stride_h + kernel_height - height, 0) // 2
     left = max((out_width - 1) * stride_w + kernel_width - width, 0) // 2

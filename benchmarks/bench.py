@@ -130,7 +130,8 @@ def bench_norm(rounds, seconds):
                                  for name, layer in layers.items()}, rounds, seconds)
             rows.append({"dtype": dtype, "shape": list(shape),
                          "ms": {name: 1000 * t for name, t in median(times).items()},
-                         "over_bn": {name: ratio(times, [name], ["batch (keras)"]) for name in times},
+                         "over_bn": {name: ratio(times, [name], ["batch (keras)"])
+                                     for name in times},
                          "gn_over_bn": ratio(times, ["group (ours)"], ["batch (keras)"]),
                          "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"])})
     return rows

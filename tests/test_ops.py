@@ -3,7 +3,7 @@
 GroupNorm is checked against a plain NumPy reference (forward and analytic backward), against
 keras.layers.GroupNormalization, for batch independence, under float16 / bfloat16 policies, and
 for serialization. ops.Conv2D is checked against Keras's Conv2D: with weight_std against a kernel
-standardized in NumPy, and on maps no larger than the kernel (its patches path) with gradients.
+standardized in NumPy, and on small maps (its patches path) with gradients, in float32 and bfloat16.
 """
 import re
 
