@@ -20,6 +20,7 @@ times are the median round, ratios the median over rounds of the two candidates'
 round.
 """
 import argparse
+import gc
 import json
 import os
 import random
@@ -85,6 +86,13 @@ def ratio(times, numerators, denominators):
     return float(np.median(summed(numerators) / summed(denominators)))
 
 
+def release_previous():
+    """Frees what earlier comparisons built (models, traced functions), so that each comparison
+    starts from a similar memory state instead of a heap grown by the ones before."""
+    keras.backend.clear_session()
+    gc.collect()
+
+
 def _seconds(fn, repeats):
     """Seconds per call of `repeats` calls, waiting for the last result."""
     start = time.perf_counter()
@@ -123,6 +131,7 @@ def bench_norm(rounds, seconds):
     rows = []
     for dtype, policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16")):
         for shape in NORM_SHAPES:
+            release_previous()
             x = tf.cast(tf.random.normal(shape) * 3 + 1, dtype)
             dy = tf.cast(tf.random.normal(shape), dtype)
             layers = norm_layers(shape[-1], policy)
@@ -184,6 +193,7 @@ def bench_step(models, rounds, seconds):
     rows = []
     for model_name in models:
         for batch_size in STEP_BATCHES:
+            release_previous()
             candidates = {}
             for norm_type in ("batch", "group"):
                 for instance in range(STEP_INSTANCES):
