@@ -275,15 +275,15 @@ def _patch_indices(size, kernel_size, strides):
     cols = (np.arange(out_width)[None, :, None, None] * stride_w - left
             + np.arange(kernel_width)[None, None, None, :])
     inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    return np.where(inside, rows * width + cols, height * width).reshape(-1).astype(np.int32), \
-        out_height, out_width
+    indices = np.where(inside, rows * width + cols, height * width).reshape(-1)
+    return indices.astype(np.int32), out_height, out_width
 
 
 @tf.custom_gradient
 def _patches_matmul(patches, kernel):
     """patches @ kernel, with the patches' gradient dy @ kernel^T computed as (kernel @ dy^T)^T
-    when the patches have fewer rows than columns: TensorFlow's CPU product is 2-4x slower for the
-    former on such wide, short results (measured on the 2018 nets' small maps)."""
+    when the patches have fewer rows than columns: on such wide, short results TensorFlow's CPU
+    product takes 2-4x longer for dy @ kernel^T (measured on the 2018 nets' small maps)."""
     def gradient(d_outputs):
         rows, columns = patches.shape
         if rows is not None and rows < columns:
