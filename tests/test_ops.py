@@ -580,6 +580,17 @@ def _values_and_gradients(layer, x, dy):
             [tf.cast(y, tf.float32), *tape.gradient(loss, [x, *layer.trainable_variables])]]
 
 
+def _assert_fast_path_equals_plain(layer, x, dy, rtol, monkeypatch):
+    """The layer's outputs and gradients with the fast paths on and with GN_FAST_OPS=0 agree to
+    `rtol` of each one's largest value."""
+    fast = _values_and_gradients(layer, x, dy)
+    monkeypatch.setenv("GN_FAST_OPS", "0")
+    plain = _values_and_gradients(layer, x, dy)
+    for got, want in zip(fast, plain):
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= rtol * scale
+
+
 FAST_CASES = [
     pytest.param((4, 7, 5, 64), 32, "float32", 1e-5, id="float32"),
     pytest.param((4, 32, 32, 32), 8, "float32", 1e-5, id="xla_compiled"),
@@ -598,13 +609,7 @@ def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, monkeypa
     gamma, beta = _random_affine(rng, shape[-1])
     dy = rng.standard_normal(shape).astype(np.float32)
     layer = _make_gn(groups, shape, gamma, beta, dtype=policy)
-
-    fast = _values_and_gradients(layer, x, dy)
-    monkeypatch.setenv("GN_FAST_OPS", "0")
-    plain = _values_and_gradients(layer, x, dy)
-    for got, want in zip(fast, plain):
-        scale = np.max(np.abs(want))
-        assert np.max(np.abs(got - want)) <= rtol * scale
+    _assert_fast_path_equals_plain(layer, x, dy, rtol, monkeypatch)
 
 
 @pytest.mark.parametrize("policy,rtol", [("float32", 1e-5), ("mixed_bfloat16", 1e-2)])
@@ -618,13 +623,7 @@ def test_fast_conv2d_equals_plain_path(policy, rtol, monkeypatch):
     layer.bias.assign(rng.standard_normal(16).astype(np.float32))
     assert layer._small_map(tf.constant(x))
     dy = rng.standard_normal((3, 2, 2, 16)).astype(np.float32)
-
-    fast = _values_and_gradients(layer, x, dy)
-    monkeypatch.setenv("GN_FAST_OPS", "0")
-    plain = _values_and_gradients(layer, x, dy)
-    for got, want in zip(fast, plain):
-        scale = np.max(np.abs(want))
-        assert np.max(np.abs(got - want)) <= rtol * scale
+    _assert_fast_path_equals_plain(layer, x, dy, rtol, monkeypatch)
 
 
 def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
