@@ -9,8 +9,9 @@ Layer norm is the case G = 1 and instance norm the case G = C; both are `GroupNo
 Keras's `BatchNormalization` (`synchronized=True` for multi-device statistics).
 Everything here is channels-last. No flags, no I/O.
 
-Fast paths (GroupNorm's compiled kernels, Conv2D's patches product) give the same numbers as the
-plain TensorFlow ops; set the environment variable GN_FAST_OPS=0 to use the plain ops instead.
+Fast paths (GroupNorm's C++ or compiled kernels, Conv2D's patches product) give the same numbers
+as the plain TensorFlow ops; set the environment variable GN_FAST_OPS=0 to use the plain ops
+instead, or GN_CPP_KERNELS=0 to keep the fast paths but run GroupNorm's TensorFlow-op kernels.
 """
 import functools
 import os
@@ -19,12 +20,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import kernels
+
 NORM_TYPES = ("batch", "sync_batch", "group", "layer", "instance", "none")
+
+
+def _switched_off(variable):
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def fast_ops_enabled():
     """False when the environment sets GN_FAST_OPS to 0 / false / no / off."""
-    return os.environ.get("GN_FAST_OPS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not _switched_off("GN_FAST_OPS")
 
 
 @keras.saving.register_keras_serializable(package="gn")
@@ -44,9 +51,10 @@ class GroupNorm(keras.layers.Layer):
     `y = x * scale + offset`. The grouped view is a reshape of the channels-last tensor, never a
     transpose. The batch dimension may be None.
 
-    Speed: the forward pass and a closed-form backward pass are each one XLA-compiled function
-    (see `_group_norm_forward`; tiny tensors skip XLA), while the rest of the model keeps
-    TensorFlow's own kernels. GN_FAST_OPS=0 selects the plain ops (`_group_norm_plain`) and
+    Speed: the forward pass and a closed-form backward pass are one C++ op each on CPU
+    (kernels/group_norm.cc, compiled on first use). Where those cannot run (no compiler, a GPU,
+    float64) they are TensorFlow-op kernels, XLA-compiled from 128K elements (see
+    `_group_norm_forward`). GN_FAST_OPS=0 selects the plain ops (`_group_norm_plain`) and
     TensorFlow's autodiff.
     """
 
@@ -82,10 +90,16 @@ class GroupNorm(keras.layers.Layer):
         beta = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
         if not fast_ops_enabled():
             return _group_norm_plain(inputs, gamma, beta, self.groups, self.epsilon)
+        return _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon,
+                                self._kernels_for(inputs))
+
+    def _kernels_for(self, inputs):
+        """The C++ kernels where they can run; else the TensorFlow-op kernels, XLA-compiled for
+        large (or not yet known) sizes."""
+        if inputs.dtype in CPP_KERNEL_DTYPES and cpp_kernels_usable():
+            return _CPP_KERNELS
         size = inputs.shape.num_elements()
-        compiled = size is None or size >= XLA_MIN_ELEMENTS
-        kernels = self._compiled_kernels if compiled else _KERNELS
-        return _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon, kernels)
+        return self._compiled_kernels if size is None or size >= XLA_MIN_ELEMENTS else _KERNELS
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -136,12 +150,17 @@ def _group_mean(per_channel, groups):
     return tf.reshape(tf.broadcast_to(means, tf.shape(grouped)), [-1, 1, channels])
 
 
-def _as_positions_by_channels(tensor):
-    """[N, ..., C] -> float32 [N, S, C]."""
+def _positions_by_channels(tensor):
+    """[N, ..., C] -> [N, S, C]."""
     positions = tensor.shape[1:-1].num_elements()
     shape = [-1, positions, tensor.shape[-1]] if positions is not None else \
         [tf.shape(tensor)[0], -1, tensor.shape[-1]]
-    return tf.reshape(tf.cast(tensor, tf.float32), shape)
+    return tf.reshape(tensor, shape)
+
+
+def _as_positions_by_channels(tensor):
+    """[N, ..., C] -> float32 [N, S, C]."""
+    return tf.cast(_positions_by_channels(tensor), tf.float32)
 
 
 def _group_norm_forward(inputs, gamma, beta, groups, epsilon):
@@ -192,6 +211,35 @@ def _compiled(kernel):
     with five GN layers of different shapes would reach sharing one function; a partial has no
     code object of its own, so each layer's traces are counted apart."""
     return tf.function(functools.partial(kernel), jit_compile=True, autograph=False)
+
+
+# The same two kernels as C++ ops (kernels/group_norm.cc): one op per direction instead of about
+# twenty, which matters most at small sizes (a batch-2 step), where launching an op costs more
+# than its arithmetic. Their statistics are [N, G] rather than [N, 1, C].
+CPP_KERNEL_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
+
+
+def cpp_kernels_usable():
+    """True when the C++ kernels are built, not switched off (GN_CPP_KERNELS=0, to compare them
+    with the TensorFlow-op kernels) and no GPU would have to hand its tensors to them."""
+    return (not _switched_off("GN_CPP_KERNELS") and not tf.config.list_logical_devices("GPU")
+            and kernels.group_norm_library() is not None)
+
+
+def _cpp_forward(inputs, gamma, beta, groups, epsilon):
+    outputs, mean, rstd = kernels.group_norm_library().gn_group_norm(
+        _positions_by_channels(inputs), gamma, beta, groups=groups, epsilon=epsilon)
+    return tf.reshape(outputs, tf.shape(inputs)), mean, rstd
+
+
+def _cpp_backward(d_outputs, inputs, gamma, mean, rstd, groups):
+    d_inputs, d_gamma, d_beta = kernels.group_norm_library().gn_group_norm_grad(
+        _positions_by_channels(d_outputs), _positions_by_channels(inputs), gamma, mean, rstd,
+        groups=groups)
+    return tf.reshape(d_inputs, tf.shape(inputs)), d_gamma, d_beta
+
+
+_CPP_KERNELS = (_cpp_forward, _cpp_backward)
 
 
 @keras.saving.register_keras_serializable(package="gn")

@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick --json      # fewer repeats; machine-readable
     python benchmarks/bench.py --sections norm step
     GN_FAST_OPS=0 python benchmarks/bench.py       # the same with the plain ops
+    GN_CPP_KERNELS=0 python benchmarks/bench.py    # GroupNorm's TensorFlow-op kernels, not C++
 
 Sections:
   norm     normalization layers, forward + backward, over keras BatchNormalization (which in Keras
@@ -329,6 +330,15 @@ def print_targets(values):
             print(f"  {name}: {values[name]:.2f} (target <= {limit}) {verdict}")
 
 
+def group_norm_kernels():
+    """Which GroupNorm implementation the float32 measurements run."""
+    if not ops.fast_ops_enabled():
+        return "plain TensorFlow ops (GN_FAST_OPS=0)"
+    if ops.cpp_kernels_usable():
+        return "C++ (kernels/group_norm.cc)"
+    return "TensorFlow-op kernels, XLA-compiled from 128K elements"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -353,7 +363,9 @@ def main(argv=None):
     printers = {"norm": print_norm, "step": print_step, "input": print_input,
                 "convert": lambda r: print(f"HDF5 conversion of {r['images']:,} 28x28 images: "
                                            f"{r['seconds']:.2f} s")}
-    results = {"fast_ops": ops.fast_ops_enabled()}
+    results = {"fast_ops": ops.fast_ops_enabled(), "group_norm_kernels": group_norm_kernels()}
+    if not args.json:
+        print(f"GroupNorm kernels: {results['group_norm_kernels']}")
     for section in args.sections:
         results[section] = runners[section]()
         if not args.json:

@@ -596,14 +596,34 @@ FAST_CASES = [
     pytest.param((4, 32, 32, 32), 8, "float32", 1e-5, id="xla_compiled"),
     pytest.param((3, 6, 64), 8, "float32", 1e-5, id="rank3"),
     pytest.param((2, 9, 9, 32), 32, "float32", 1e-5, id="instance"),
+    pytest.param((2, 3, 3, 640), 32, "float32", 1e-5, id="uneven_channel_blocks"),
     pytest.param((4, 7, 5, 64), 32, "mixed_bfloat16", 1e-2, id="bfloat16"),
+    pytest.param((4, 7, 5, 64), 32, "mixed_float16", 2e-3, id="float16"),
 ]
 
 
+@pytest.fixture(params=["cpp", "tensorflow_ops"])
+def gn_kernels(request, monkeypatch):
+    """Runs a test with GroupNorm's C++ kernels, then with its TensorFlow-op kernels (the
+    fallback where the C++ ones cannot run); fails if another kernel set is used."""
+    if request.param == "cpp":
+        if not ops.cpp_kernels_usable():
+            pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
+    else:
+        monkeypatch.setenv("GN_CPP_KERNELS", "0")
+    group_norm_fast = ops._group_norm_fast
+
+    def checked(inputs, gamma, beta, groups, epsilon, kernels):
+        assert (kernels is ops._CPP_KERNELS) == (request.param == "cpp")
+        return group_norm_fast(inputs, gamma, beta, groups, epsilon, kernels)
+    monkeypatch.setattr(ops, "_group_norm_fast", checked)
+    return request.param
+
+
 @pytest.mark.parametrize("shape,groups,policy,rtol", FAST_CASES)
-def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, monkeypatch):
-    """Outputs and the gradients of x, gamma and beta, relative to their largest value (bfloat16:
-    both paths compute in float32 and round the output to 8 significand bits)."""
+def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, gn_kernels, monkeypatch):
+    """Outputs and the gradients of x, gamma and beta, relative to their largest value (bfloat16,
+    float16: both paths compute in float32 and round the output to 8 / 11 significand bits)."""
     rng = np.random.default_rng(7)
     x = _random_input(rng, shape) + 50.0  # a large mean: the variance must keep its precision
     gamma, beta = _random_affine(rng, shape[-1])
@@ -643,7 +663,7 @@ def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
         assert layer(x).shape == x.shape and conv(x).shape == (2, 2, 2, 8)
 
 
-def test_fast_group_norm_in_a_function_with_unknown_batch():
+def test_fast_group_norm_in_a_function_with_unknown_batch(gn_kernels):
     layer = ops.GroupNorm(4)
     traced = tf.function(lambda x: layer(x), input_signature=[tf.TensorSpec([None, 6, 6, 8])])
     for batch in (1, 3):

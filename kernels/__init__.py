@@ -1,0 +1,76 @@
+"""GroupNorm's CPU kernels (group_norm.cc), compiled on first use against the installed TensorFlow.
+
+The shared library is built once with the C++ compiler ($CXX, else g++) and TensorFlow's own
+compile and link flags, and cached as build/group_norm-<hash>.so in the repository; the hash covers
+the source, TensorFlow's version and the flags, so a change to any of them builds a new one. When
+no compiler is found or the build fails, `group_norm_library()` logs one warning and returns None,
+and GroupNorm runs its TensorFlow-op kernels instead (same numbers, slower).
+"""
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import tensorflow as tf
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "group_norm.cc")
+BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build")
+
+log = logging.getLogger("gn")
+
+
+def compiler():
+    return os.environ.get("CXX", "g++")
+
+
+def _compile_command(output):
+    return [compiler(), "-shared", "-fPIC", "-O3", "-w", *tf.sysconfig.get_compile_flags(),
+            SOURCE, "-o", output, *tf.sysconfig.get_link_flags()]
+
+
+def library_path():
+    """build/group_norm-<hash of source, TensorFlow version and compile command>.so"""
+    digest = hashlib.sha256()
+    with open(SOURCE, "rb") as source:
+        digest.update(source.read())
+    digest.update(tf.__version__.encode())
+    digest.update(" ".join(_compile_command("")).encode())
+    return os.path.join(BUILD_DIR, f"group_norm-{digest.hexdigest()[:16]}.so")
+
+
+def build(path):
+    """Compiles the kernels into `path` (through a temporary name, so that an interrupted or
+    concurrent build never leaves a partial library under the final name)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(descriptor)
+    try:
+        result = subprocess.run(_compile_command(temporary), capture_output=True, text=True)
+        if result.returncode:
+            errors = [line for line in result.stderr.splitlines() if "error" in line]
+            raise RuntimeError((errors or result.stderr.splitlines() or ["no output"])[0])
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+@functools.cache
+def group_norm_library():
+    """The loaded op library (ops `gn_group_norm`, `gn_group_norm_grad`), built if needed; None,
+    after one warning, when it cannot be built or loaded."""
+    path = library_path()
+    try:
+        if not os.path.exists(path):
+            if shutil.which(compiler()) is None:
+                raise RuntimeError(f"no C++ compiler '{compiler()}' found (install g++ or set CXX)")
+            log.info("compiling GroupNorm's CPU kernels into %s (once, about 20 s)", path)
+            build(path)
+        return tf.load_op_library(path)
+    except (OSError, RuntimeError, tf.errors.NotFoundError) as error:
+        log.warning("GroupNorm runs its slower TensorFlow-op kernels: the C++ kernels could not "
+                    "be built (%s)", error)
+        return None

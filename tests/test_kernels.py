@@ -1,0 +1,78 @@
+"""Tests for kernels/: building GroupNorm's C++ kernels, the fallback when they cannot be built, and
+the ops' checks of their inputs. Their numbers are checked against the plain ops and NumPy in
+test_ops.py."""
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kernels
+import ops
+
+needs_compiler = pytest.mark.skipif(shutil.which(kernels.compiler()) is None,
+                                    reason="no C++ compiler here")
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """An empty build folder and no library loaded yet in this process's cache."""
+    monkeypatch.setattr(kernels, "BUILD_DIR", str(tmp_path / "build"))
+    kernels.group_norm_library.cache_clear()
+    yield tmp_path / "build"
+    kernels.group_norm_library.cache_clear()
+
+
+@needs_compiler
+def test_kernels_build_into_the_named_library(tmp_path):
+    """(Loading is checked by every test that runs the kernels: a process can register the ops
+    from one library file only.)"""
+    path = tmp_path / "group_norm-test.so"
+    kernels.build(str(path))
+    assert os.listdir(tmp_path) == [path.name]  # no temporary left beside it
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_the_library_name_follows_source_and_tensorflow_version(monkeypatch):
+    name = kernels.library_path()
+    assert os.path.dirname(name) == kernels.BUILD_DIR
+    monkeypatch.setattr(tf, "__version__", tf.__version__ + ".other")
+    assert kernels.library_path() != name
+
+
+@pytest.mark.parametrize("compiler,reason", [
+    ("no-such-compiler-gn", "no C++ compiler 'no-such-compiler-gn' found"),
+    ("false", "no output"),  # a compiler that fails without a message
+])
+def test_without_a_working_compiler_group_norm_falls_back(compiler, reason, fresh_build,
+                                                          monkeypatch):
+    monkeypatch.setenv("CXX", compiler)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    monkeypatch.setattr(kernels.log, "handlers", [handler])
+    assert kernels.group_norm_library() is None
+    assert len(warnings) == 1 and reason in warnings[0]
+    assert not fresh_build.exists() or os.listdir(fresh_build) == []
+    assert not ops.cpp_kernels_usable()
+    x = tf.random.normal([2, 4, 4, 8]) * 3 + 1
+    y = ops.GroupNorm(4)(x).numpy().reshape(2, 16, 4, 2)
+    np.testing.assert_allclose(y.mean(axis=(1, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=(1, 3)), 1, atol=1e-3)
+
+
+@needs_compiler
+def test_kernels_refuse_mismatched_shapes():
+    library = kernels.group_norm_library()
+    assert library is not None
+    x, gamma = tf.zeros([2, 5, 12]), tf.ones([12])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="channels not divisible by groups"):
+        library.gn_group_norm(x, gamma, gamma, groups=5, epsilon=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gamma and beta must be"):
+        library.gn_group_norm(x, tf.ones([6]), gamma, groups=4, epsilon=1e-5)
+    _, mean, rstd = library.gn_group_norm(x, gamma, gamma, groups=4, epsilon=1e-5)
+    assert mean.shape == rstd.shape == (2, 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dy and x shapes differ"):
+        library.gn_group_norm_grad(tf.zeros([2, 4, 12]), x, gamma, mean, rstd, groups=4)
