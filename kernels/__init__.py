@@ -7,6 +7,7 @@ no compiler is found or the build fails, `group_norm_library()` logs one warning
 and GroupNorm runs its TensorFlow-op kernels instead (same numbers, slower).
 """
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -43,7 +44,8 @@ def library_path():
 
 def build(path):
     """Compiles the kernels into `path` (through a temporary name, so that an interrupted or
-    concurrent build never leaves a partial library under the final name)."""
+    concurrent build never leaves a partial library under the final name) and removes the
+    libraries of earlier sources or TensorFlow versions beside it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(descriptor)
@@ -53,6 +55,9 @@ def build(path):
             errors = [line for line in result.stderr.splitlines() if "error" in line]
             raise RuntimeError((errors or result.stderr.splitlines() or ["no output"])[0])
         os.replace(temporary, path)
+        for stale in glob.glob(os.path.join(os.path.dirname(path), "group_norm-*.so")):
+            if stale != path:
+                os.remove(stale)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

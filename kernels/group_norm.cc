@@ -84,16 +84,22 @@ void ChannelSums(int64_t rows, int64_t width, int64_t sums_count, AddRow add,
 }
 
 // Shape of the work: N examples, S positions, C channels in G groups of `group_width`; one work
-// unit is one example's block of `groups_per_block` whole groups.
+// unit is one example's block of `groups_per_block` whole groups. Whole rows stream fastest, so an
+// example is split only where there are fewer than two examples per thread, into blocks of at
+// least 64 channels.
 struct Layout {
   int64_t examples, positions, channels, groups, group_width, groups_per_block, blocks;
 
-  Layout(const Tensor& x, int64_t groups_)
+  Layout(const Tensor& x, int64_t groups_, int threads)
       : examples(x.dim_size(0)), positions(x.dim_size(1)), channels(x.dim_size(2)),
-        groups(groups_), group_width(channels / groups_),
-        // at least 128 channels per block where there are that many, so that rows stay long
-        groups_per_block(std::min(groups_, std::max<int64_t>(1, (128 + group_width - 1) / group_width))),
-        blocks((groups_ + groups_per_block - 1) / groups_per_block) {}
+        groups(groups_), group_width(channels / groups_) {
+    const int64_t blocks_wanted = CeilDiv(2 * threads, std::max<int64_t>(1, examples));
+    groups_per_block = std::min(groups, std::max(CeilDiv(groups, blocks_wanted),
+                                                 CeilDiv(64, group_width)));
+    blocks = CeilDiv(groups, groups_per_block);
+  }
+
+  static int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
   // Runs fn(example, first group, group count) for every unit, on the op's thread pool.
   template <typename Fn>
@@ -108,6 +114,10 @@ struct Layout {
     });
   }
 };
+
+int Threads(OpKernelContext* context) {
+  return context->device()->tensorflow_cpu_worker_threads()->workers->NumThreads();
+}
 
 absl::Status CheckShapes(const Tensor& x, const Tensor& gamma, int64_t groups) {
   if (x.dims() != 3) return absl::InvalidArgumentError("GroupNorm kernel: x must be [N, S, C]");
@@ -132,7 +142,7 @@ class GroupNormOp : public OpKernel {
     const Tensor& beta_tensor = context->input(2);
     OP_REQUIRES_OK(context, CheckShapes(x, gamma_tensor, groups_));
     OP_REQUIRES_OK(context, CheckShapes(x, beta_tensor, groups_));
-    const Layout layout(x, groups_);
+    const Layout layout(x, groups_, Threads(context));
     Tensor *y_tensor, *mean_tensor, *rstd_tensor;
     const tensorflow::TensorShape stats_shape({layout.examples, layout.groups});
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y_tensor));
@@ -216,7 +226,7 @@ class GroupNormGradOp : public OpKernel {
     OP_REQUIRES_OK(context, CheckShapes(x_tensor, gamma_tensor, groups_));
     OP_REQUIRES(context, dy_tensor.shape() == x_tensor.shape(),
                 absl::InvalidArgumentError("GroupNorm kernel: dy and x shapes differ"));
-    const Layout layout(x_tensor, groups_);
+    const Layout layout(x_tensor, groups_, Threads(context));
     const int64_t C = layout.channels, S = layout.positions, gw = layout.group_width;
     Tensor *dx_tensor, *dgamma_tensor, *dbeta_tensor;
     OP_REQUIRES_OK(context, context->allocate_output(0, x_tensor.shape(), &dx_tensor));

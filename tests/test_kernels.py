@@ -29,9 +29,10 @@ def fresh_build(tmp_path, monkeypatch):
 def test_kernels_build_into_the_named_library(tmp_path):
     """(Loading is checked by every test that runs the kernels: a process can register the ops
     from one library file only.)"""
+    (tmp_path / "group_norm-earlier.so").write_bytes(b"a library of an earlier source")
     path = tmp_path / "group_norm-test.so"
     kernels.build(str(path))
-    assert os.listdir(tmp_path) == [path.name]  # no temporary left beside it
+    assert os.listdir(tmp_path) == [path.name]  # no temporary or earlier library left beside it
     assert path.read_bytes()[:4] == b"\x7fELF"
 
 

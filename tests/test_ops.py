@@ -596,7 +596,7 @@ FAST_CASES = [
     pytest.param((4, 32, 32, 32), 8, "float32", 1e-5, id="xla_compiled"),
     pytest.param((3, 6, 64), 8, "float32", 1e-5, id="rank3"),
     pytest.param((2, 9, 9, 32), 32, "float32", 1e-5, id="instance"),
-    pytest.param((2, 3, 3, 640), 32, "float32", 1e-5, id="uneven_channel_blocks"),
+    pytest.param((1, 3, 3, 600), 30, "float32", 1e-5, id="uneven_channel_blocks"),
     pytest.param((4, 7, 5, 64), 32, "mixed_bfloat16", 1e-2, id="bfloat16"),
     pytest.param((4, 7, 5, 64), 32, "mixed_float16", 2e-3, id="float16"),
 ]
