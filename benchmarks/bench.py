@@ -46,7 +46,9 @@ NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
 GROUPS = 32
 MODELS = {"conv": (32, 3, 32), "resnet20": (32, 3, 8), "resnet": (64, 3, 32)}  # size, C, GN G
 STEP_BATCHES = (2, 32)
-STEP_INSTANCES = 2
+# Instances of each (model, norm) in the step section: 4 for the two target models, 2 for the
+# large resnet, whose instances cost memory and minutes.
+STEP_INSTANCES = {"conv": 4, "resnet20": 4, "resnet": 2}
 TARGETS = [  # (name, limit)
     ("GN / BN layer, [32,32,32,64]", 0.8),
     ("GN / keras GN layer, [8,56,56,256]", 0.4),
@@ -189,15 +191,16 @@ def step_functions(model_name, norm_type, batch_size):
 
 def bench_step(models, rounds, seconds):
     """Each model and norm is built STEP_INSTANCES times and their times summed: identical
-    instances of a model differ by a few percent on a shared machine (where their memory lies),
-    as much as GN and BN differ in a conv-dominated step."""
+    instances of a model differ by up to 7 % within one process (where their memory lies), more
+    than GN and BN differ in a conv-dominated step."""
     rows = []
     for model_name in models:
+        instances = STEP_INSTANCES[model_name]
         for batch_size in STEP_BATCHES:
             release_previous()
             candidates = {}
             for norm_type in ("batch", "group"):
-                for instance in range(STEP_INSTANCES):
+                for instance in range(instances):
                     step, forward = step_functions(model_name, norm_type, batch_size)
                     candidates[(norm_type, "step", instance)] = step
                     candidates[(norm_type, "forward", instance)] = forward
@@ -205,7 +208,7 @@ def bench_step(models, rounds, seconds):
             typical = median(times)
 
             def keys(norm_type, kind):
-                return [(norm_type, kind, instance) for instance in range(STEP_INSTANCES)]
+                return [(norm_type, kind, instance) for instance in range(instances)]
             for norm_type in ("batch", "group"):
                 step_s = float(np.mean([typical[key] for key in keys(norm_type, "step")]))
                 rows.append({"model": model_name, "batch": batch_size, "norm": norm_type,

@@ -36,9 +36,14 @@ def test_kernels_build_into_the_named_library(tmp_path):
     assert path.read_bytes()[:4] == b"\x7fELF"
 
 
-def test_the_library_name_follows_source_and_tensorflow_version(monkeypatch):
+def test_the_library_name_follows_source_and_tensorflow_version(tmp_path, monkeypatch):
     name = kernels.library_path()
     assert os.path.dirname(name) == kernels.BUILD_DIR
+    edited = tmp_path / "group_norm.cc"
+    edited.write_text(open(kernels.SOURCE).read() + "// edited\n")
+    monkeypatch.setattr(kernels, "SOURCE", str(edited))
+    assert kernels.library_path() != name
+    monkeypatch.undo()
     monkeypatch.setattr(tf, "__version__", tf.__version__ + ".other")
     assert kernels.library_path() != name
 
