@@ -68,19 +68,55 @@ REGISTER_OP("GnGroupNormGrad")
 // Rows summed in float before the sums move to double: short enough that float keeps ~1e-6
 // relative precision, long enough that the double additions cost nothing.
 constexpr int64_t kRowsPerFlush = 64;
+// Inner loops run over lines of at least this many values where the rows are narrower.
+constexpr int64_t kMinLineWidth = 256;
 
-// Per-channel sums over the rows of one example, for the channels [begin, begin + width):
-// add(row, acc) adds one row's terms to the float accumulators acc[0..width).
-template <typename AddRow>
-void ChannelSums(int64_t rows, int64_t width, int64_t sums_count, AddRow add,
-                 std::vector<double>* sums) {
-  sums->assign(sums_count * width, 0.0);
-  std::vector<float> acc(sums_count * width);
-  for (int64_t first = 0; first < rows; first += kRowsPerFlush) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t row = first; row < std::min(rows, first + kRowsPerFlush); ++row) add(row, acc.data());
-    for (size_t i = 0; i < acc.size(); ++i) (*sums)[i] += acc[i];
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One work unit's rows (S rows of `channel_width` values, `channels` apart) as the lines its inner
+// loops run over. A unit that spans whole rows is contiguous, so its narrow rows are taken several
+// at a time: the loops then pay their setup once per line instead of once per narrow row. Value j
+// of a line is channel j % channel_width.
+struct Lines {
+  int64_t rows, channel_width, rows_per_line, width, stride, count;
+
+  Lines(int64_t rows_, int64_t channel_width_, int64_t channels)
+      : rows(rows_), channel_width(channel_width_),
+        rows_per_line(channel_width_ == channels
+                          ? std::max<int64_t>(1, kMinLineWidth / channels) : 1),
+        width(channel_width_ * rows_per_line), stride(channels * rows_per_line),
+        count(CeilDiv(rows_, rows_per_line)) {}
+
+  // The number of values in line i (the last line may hold fewer rows).
+  int64_t Length(int64_t i) const {
+    return std::min(rows_per_line, rows - i * rows_per_line) * channel_width;
   }
+
+  // Per-channel values repeated for every row of a line.
+  std::vector<float> Tiled(const std::vector<float>& per_channel) const {
+    std::vector<float> tiled(width);
+    for (int64_t j = 0; j < width; ++j) tiled[j] = per_channel[j % channel_width];
+    return tiled;
+  }
+};
+
+// `sums_count` per-channel sums over a unit's rows: add(line, length, acc) adds one line's terms
+// to the float accumulators acc[k * lines.width + j], j < length, for sum k.
+template <typename AddLine>
+void ChannelSums(const Lines& lines, int64_t sums_count, AddLine add, std::vector<double>* sums) {
+  std::vector<double> line_sums(sums_count * lines.width, 0.0);
+  std::vector<float> acc(sums_count * lines.width);
+  const int64_t lines_per_flush = std::max<int64_t>(1, kRowsPerFlush / lines.rows_per_line);
+  for (int64_t first = 0; first < lines.count; first += lines_per_flush) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t i = first; i < std::min(lines.count, first + lines_per_flush); ++i)
+      add(i, lines.Length(i), acc.data());
+    for (size_t j = 0; j < acc.size(); ++j) line_sums[j] += acc[j];
+  }
+  sums->assign(sums_count * lines.channel_width, 0.0);
+  for (int64_t k = 0; k < sums_count; ++k)
+    for (int64_t j = 0; j < lines.width; ++j)
+      (*sums)[k * lines.channel_width + j % lines.channel_width] += line_sums[k * lines.width + j];
 }
 
 // Shape of the work: N examples, S positions, C channels in G groups of `group_width`; one work
@@ -99,12 +135,12 @@ struct Layout {
     blocks = CeilDiv(groups, groups_per_block);
   }
 
-  static int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-  // Runs fn(example, first group, group count) for every unit, on the op's thread pool.
+  // Runs fn(example, first group, group count) for every unit, on the op's thread pool. The cost
+  // is about one cycle per value and pass: handing work to another thread costs tens of
+  // microseconds on a shared machine, so small tensors are better done on the calling thread.
   template <typename Fn>
   void ForEachUnit(OpKernelContext* context, int64_t passes, Fn fn) const {
-    const int64_t unit_cost = 4 * passes * positions * groups_per_block * group_width;
+    const int64_t unit_cost = passes * positions * groups_per_block * group_width;
     auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
     workers->ParallelFor(examples * blocks, unit_cost, [&](int64_t begin, int64_t end) {
       for (int64_t unit = begin; unit < end; ++unit) {
@@ -162,13 +198,14 @@ class GroupNormOp : public OpKernel {
       const int64_t C = layout.channels, S = layout.positions, gw = layout.group_width;
       const T* x = x_all + example * S * C + begin;
       T* y = y_all + example * S * C + begin;
+      const Lines lines(S, width, C);
       const double group_size = static_cast<double>(S * gw);
       std::vector<double> sums;
       std::vector<float> center(width), scale(width), offset(width);
 
-      ChannelSums(S, width, 1, [&](int64_t s, float* acc) {
-        const T* row = x + s * C;
-        for (int64_t c = 0; c < width; ++c) acc[c] += static_cast<float>(row[c]);
+      ChannelSums(lines, 1, [&](int64_t i, int64_t length, float* acc) {
+        const T* line = x + i * lines.stride;
+        for (int64_t j = 0; j < length; ++j) acc[j] += static_cast<float>(line[j]);
       }, &sums);
       for (int64_t g = 0; g < count; ++g) {
         double total = 0;
@@ -176,11 +213,12 @@ class GroupNormOp : public OpKernel {
         std::fill(center.begin() + g * gw, center.begin() + (g + 1) * gw, total / group_size);
       }
       // The centered variance: unlike E[x^2] - E[x]^2 it keeps its precision when the mean is large.
-      ChannelSums(S, width, 1, [&](int64_t s, float* acc) {
-        const T* row = x + s * C;
-        for (int64_t c = 0; c < width; ++c) {
-          const float d = static_cast<float>(row[c]) - center[c];
-          acc[c] += d * d;
+      const std::vector<float> center_line = lines.Tiled(center);
+      ChannelSums(lines, 1, [&](int64_t i, int64_t length, float* acc) {
+        const T* line = x + i * lines.stride;
+        for (int64_t j = 0; j < length; ++j) {
+          const float d = static_cast<float>(line[j]) - center_line[j];
+          acc[j] += d * d;
         }
       }, &sums);
       for (int64_t g = 0; g < count; ++g) {
@@ -195,11 +233,12 @@ class GroupNormOp : public OpKernel {
           offset[c] = beta[begin + c] - mean * scale[c];
         }
       }
-      for (int64_t s = 0; s < S; ++s) {
-        const T* row = x + s * C;
-        T* out = y + s * C;
-        for (int64_t c = 0; c < width; ++c)
-          out[c] = static_cast<T>(static_cast<float>(row[c]) * scale[c] + offset[c]);
+      const std::vector<float> scale_line = lines.Tiled(scale), offset_line = lines.Tiled(offset);
+      for (int64_t i = 0; i < lines.count; ++i) {
+        const T* line = x + i * lines.stride;
+        T* out = y + i * lines.stride;
+        for (int64_t j = 0, length = lines.Length(i); j < length; ++j)
+          out[j] = static_cast<T>(static_cast<float>(line[j]) * scale_line[j] + offset_line[j]);
       }
     });
   }
@@ -247,16 +286,18 @@ class GroupNormGradOp : public OpKernel {
       const int64_t offset = example * S * C + begin;
       const T *dy = dy_all + offset, *x = x_all + offset;
       T* dx = dx_all + offset;
+      const Lines lines(S, width, C);
       const double group_size = static_cast<double>(S * gw);
       std::vector<double> sums;  // [sum dy | sum dy * x] per channel
       std::vector<float> a(width), center(width), b(width), c_term(width);
 
-      ChannelSums(S, width, 2, [&](int64_t s, float* acc) {
-        const T *dy_row = dy + s * C, *x_row = x + s * C;
-        for (int64_t c = 0; c < width; ++c) {
-          const float d = static_cast<float>(dy_row[c]);
-          acc[c] += d;
-          acc[width + c] += d * static_cast<float>(x_row[c]);
+      ChannelSums(lines, 2, [&](int64_t i, int64_t length, float* acc) {
+        const T *dy_line = dy + i * lines.stride, *x_line = x + i * lines.stride;
+        float* acc_dy_x = acc + lines.width;
+        for (int64_t j = 0; j < length; ++j) {
+          const float d = static_cast<float>(dy_line[j]);
+          acc[j] += d;
+          acc_dy_x[j] += d * static_cast<float>(x_line[j]);
         }
       }, &sums);
       for (int64_t g = 0; g < count; ++g) {
@@ -279,12 +320,15 @@ class GroupNormGradOp : public OpKernel {
           c_term[c] = static_cast<float>(-rstd * mean_g_dy);
         }
       }
-      for (int64_t s = 0; s < S; ++s) {
-        const T *dy_row = dy + s * C, *x_row = x + s * C;
-        T* out = dx + s * C;
-        for (int64_t c = 0; c < width; ++c)
-          out[c] = static_cast<T>(static_cast<float>(dy_row[c]) * a[c] +
-                                  (static_cast<float>(x_row[c]) - center[c]) * b[c] + c_term[c]);
+      const std::vector<float> a_line = lines.Tiled(a), center_line = lines.Tiled(center),
+                               b_line = lines.Tiled(b), c_line = lines.Tiled(c_term);
+      for (int64_t i = 0; i < lines.count; ++i) {
+        const T *dy_line = dy + i * lines.stride, *x_line = x + i * lines.stride;
+        T* out = dx + i * lines.stride;
+        for (int64_t j = 0, length = lines.Length(i); j < length; ++j)
+          out[j] = static_cast<T>(static_cast<float>(dy_line[j]) * a_line[j] +
+                                  (static_cast<float>(x_line[j]) - center_line[j]) * b_line[j] +
+                                  c_line[j]);
       }
     });
 
