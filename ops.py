@@ -242,6 +242,15 @@ def _cpp_backward(d_outputs, inputs, gamma, mean, rstd, groups):
 _CPP_KERNELS = (_cpp_forward, _cpp_backward)
 
 
+@tf.RegisterGradient("GnGroupNormGrad")
+def _cpp_backward_gradient(op, *output_gradients):
+    """Second-order gradients (a gradient penalty, Hessian-vector products) are not written for
+    the C++ kernels; the TensorFlow-op kernels differentiate their backward pass by autodiff."""
+    raise NotImplementedError(
+        "second-order gradients through GroupNorm's C++ kernels are not implemented; set "
+        "GN_CPP_KERNELS=0 to use its TensorFlow-op kernels, which support them")
+
+
 @keras.saving.register_keras_serializable(package="gn")
 class Conv2D(keras.layers.Conv2D):
     """Keras's Conv2D with 'same' padding, optional Weight Standardization, and a faster path for

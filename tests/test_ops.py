@@ -663,6 +663,32 @@ def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
         assert layer(x).shape == x.shape and conv(x).shape == (2, 2, 2, 8)
 
 
+def _second_order_gradient(layer, x):
+    """d/dx of sum((d/dx sum(y^3))^2): needs the gradient of GN's backward pass."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 3)
+        penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+    return outer.gradient(penalty, x).numpy()
+
+
+def test_second_order_gradients(gn_kernels, monkeypatch):
+    """The TensorFlow-op kernels give the plain path's second-order gradients; the C++ kernels
+    refuse them with a message that says how to get them."""
+    layer = ops.GroupNorm(4)
+    x = tf.constant(_random_input(np.random.default_rng(15), (2, 4, 4, 8)))
+    if gn_kernels == "cpp":
+        with pytest.raises(NotImplementedError, match="set GN_CPP_KERNELS=0"):
+            _second_order_gradient(layer, x)
+        return
+    fast = _second_order_gradient(layer, x)
+    monkeypatch.setenv("GN_FAST_OPS", "0")
+    plain = _second_order_gradient(layer, x)
+    assert np.max(np.abs(fast - plain)) <= 1e-5 * np.max(np.abs(plain))
+
+
 def test_fast_group_norm_in_a_function_with_unknown_batch(gn_kernels):
     layer = ops.GroupNorm(4)
     traced = tf.function(lambda x: layer(x), input_signature=[tf.TensorSpec([None, 6, 6, 8])])
