@@ -5,8 +5,8 @@
 // than to run. Here each direction is one op that reads the input once per statistic and writes
 // the output once. The input is viewed as [N, S, C] (S = positions), channels contiguous; groups
 // are runs of C / G channels. Work is split over (example, block of whole groups), so small
-// batches still use every core. Statistics are float32 (accumulated in float over blocks of rows
-// and in double across them); inputs and outputs are float32, bfloat16 or float16.
+// batches of large maps still use every core. Statistics are float32 (accumulated in float over
+// blocks of rows and in double across them); inputs and outputs are float32, bfloat16 or float16.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -157,6 +157,7 @@ int Threads(OpKernelContext* context) {
 
 absl::Status CheckShapes(const Tensor& x, const Tensor& gamma, int64_t groups) {
   if (x.dims() != 3) return absl::InvalidArgumentError("GroupNorm kernel: x must be [N, S, C]");
+  if (x.dim_size(2) == 0) return absl::InvalidArgumentError("GroupNorm kernel: x has no channels");
   if (x.dim_size(2) % groups != 0)
     return absl::InvalidArgumentError("GroupNorm kernel: channels not divisible by groups");
   if (gamma.dims() != 1 || gamma.dim_size(0) != x.dim_size(2))
@@ -212,7 +213,8 @@ class GroupNormOp : public OpKernel {
         for (int64_t c = g * gw; c < (g + 1) * gw; ++c) total += sums[c];
         std::fill(center.begin() + g * gw, center.begin() + (g + 1) * gw, total / group_size);
       }
-      // The centered variance: unlike E[x^2] - E[x]^2 it keeps its precision when the mean is large.
+      // The centered variance: unlike E[x^2] - E[x]^2, it keeps its precision when the mean is
+      // large.
       const std::vector<float> center_line = lines.Tiled(center);
       ChannelSums(lines, 1, [&](int64_t i, int64_t length, float* acc) {
         const T* line = x + i * lines.stride;

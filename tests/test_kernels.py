@@ -73,6 +73,9 @@ def test_without_a_working_compiler_group_norm_falls_back(compiler, reason, fres
 def test_kernels_refuse_mismatched_shapes():
     library = kernels.group_norm_library()
     assert library is not None
+    with pytest.raises(tf.errors.InvalidArgumentError, match="x has no channels"):
+        library.gn_group_norm(tf.zeros([2, 5, 0]), tf.ones([0]), tf.ones([0]), groups=1,
+                              epsilon=1e-5)
     x, gamma = tf.zeros([2, 5, 12]), tf.ones([12])
     with pytest.raises(tf.errors.InvalidArgumentError, match="channels not divisible by groups"):
         library.gn_group_norm(x, gamma, gamma, groups=5, epsilon=1e-5)
