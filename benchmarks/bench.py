@@ -191,7 +191,7 @@ def step_functions(model_name, norm_type, batch_size):
 
 def bench_step(models, rounds, seconds):
     """Each model and norm is built STEP_INSTANCES times and their times summed: identical
-    instances of a model differ by up to 7 % within one process (where their memory lies), more
+    instances of a model differ by up to 7 % in step time within one process, more
     than GN and BN differ in a conv-dominated step."""
     rows = []
     for model_name in models:
