@@ -19,6 +19,7 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 import kernels
 
@@ -53,7 +54,7 @@ class GroupNorm(keras.layers.Layer):
 
     Speed: the forward pass and a closed-form backward pass are one C++ op each on CPU
     (kernels/group_norm.cc, compiled on first use). Where those cannot run (no compiler, a GPU,
-    float64) they are TensorFlow-op kernels, XLA-compiled from 128K elements (see
+    float64, a function XLA compiles whole) they are TensorFlow-op kernels, XLA-compiled from 128K elements (see
     `_group_norm_forward`). GN_FAST_OPS=0 selects the plain ops (`_group_norm_plain`) and
     TensorFlow's autodiff.
     """
@@ -96,7 +97,7 @@ class GroupNorm(keras.layers.Layer):
     def _kernels_for(self, inputs):
         """The C++ kernels where they can run; else the TensorFlow-op kernels, XLA-compiled for
         large (or not yet known) sizes."""
-        if inputs.dtype in CPP_KERNEL_DTYPES and cpp_kernels_usable():
+        if inputs.dtype in CPP_KERNEL_DTYPES and not _in_xla_function() and cpp_kernels_usable():
             return _CPP_KERNELS
         size = inputs.shape.num_elements()
         return self._compiled_kernels if size is None or size >= XLA_MIN_ELEMENTS else _KERNELS
@@ -224,6 +225,12 @@ def cpp_kernels_usable():
     with the TensorFlow-op kernels) and no GPU would have to hand its tensors to them."""
     return (not _switched_off("GN_CPP_KERNELS") and not tf.config.list_logical_devices("GPU")
             and kernels.group_norm_library() is not None)
+
+
+def _in_xla_function():
+    """True while tracing a function that XLA compiles whole (`jit_compile=True`), which cannot
+    hold the C++ ops. TensorFlow has no public test for this; Keras 2 used the same one."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _cpp_forward(inputs, gamma, beta, groups, epsilon):

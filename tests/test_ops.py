@@ -689,6 +689,23 @@ def test_second_order_gradients(gn_kernels, monkeypatch):
     assert np.max(np.abs(fast - plain)) <= 1e-5 * np.max(np.abs(plain))
 
 
+def test_group_norm_inside_a_function_that_xla_compiles_whole():
+    """`jit_compile=True` around the layer cannot hold the C++ ops: it gets the TensorFlow-op
+    kernels, with the plain path's values and input gradients."""
+    layer = ops.GroupNorm(4)
+    x = tf.constant(_random_input(np.random.default_rng(16), (2, 4, 4, 8)))
+    dy = tf.random.stateless_normal(x.shape, [1, 2])
+
+    def values_and_gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return y, tape.gradient(y, x, output_gradients=dy)
+    compiled = tf.function(values_and_gradient, jit_compile=True)(x)
+    for got, want in zip(compiled, values_and_gradient(x)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_fast_group_norm_in_a_function_with_unknown_batch(gn_kernels):
     layer = ops.GroupNorm(4)
     traced = tf.function(lambda x: layer(x), input_signature=[tf.TensorSpec([None, 6, 6, 8])])
