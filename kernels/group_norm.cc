@@ -119,6 +119,13 @@ void ChannelSums(const Lines& lines, int64_t sums_count, AddLine add, std::vecto
       (*sums)[k * lines.channel_width + j % lines.channel_width] += line_sums[k * lines.width + j];
 }
 
+// The sum of group g's per-channel sums (channels g * group_width onwards).
+double GroupTotal(const std::vector<double>& sums, int64_t g, int64_t group_width) {
+  double total = 0;
+  for (int64_t c = g * group_width; c < (g + 1) * group_width; ++c) total += sums[c];
+  return total;
+}
+
 // Shape of the work: N examples, S positions, C channels in G groups of `group_width`; one work
 // unit is one example's block of `groups_per_block` whole groups. Whole rows stream fastest, so an
 // example is split only where there are fewer than two examples per thread, into blocks of at
@@ -209,9 +216,8 @@ class GroupNormOp : public OpKernel {
         for (int64_t j = 0; j < length; ++j) acc[j] += static_cast<float>(line[j]);
       }, &sums);
       for (int64_t g = 0; g < count; ++g) {
-        double total = 0;
-        for (int64_t c = g * gw; c < (g + 1) * gw; ++c) total += sums[c];
-        std::fill(center.begin() + g * gw, center.begin() + (g + 1) * gw, total / group_size);
+        std::fill(center.begin() + g * gw, center.begin() + (g + 1) * gw,
+                  GroupTotal(sums, g, gw) / group_size);
       }
       // The centered variance: unlike E[x^2] - E[x]^2, it keeps its precision when the mean is
       // large.
@@ -224,10 +230,9 @@ class GroupNormOp : public OpKernel {
         }
       }, &sums);
       for (int64_t g = 0; g < count; ++g) {
-        double total = 0;
-        for (int64_t c = g * gw; c < (g + 1) * gw; ++c) total += sums[c];
         const float mean = center[g * gw];
-        const float rstd = 1.0f / std::sqrt(static_cast<float>(total / group_size) + epsilon);
+        const float variance = static_cast<float>(GroupTotal(sums, g, gw) / group_size);
+        const float rstd = 1.0f / std::sqrt(variance + epsilon);
         mean_out[example * layout.groups + first_group + g] = mean;
         rstd_out[example * layout.groups + first_group + g] = rstd;
         for (int64_t c = g * gw; c < (g + 1) * gw; ++c) {
