@@ -3,6 +3,7 @@
     python evaler.py --checkpoint train_dir/<run>              # the run's latest checkpoint
     python evaler.py --checkpoint train_dir/<run>/model-400    # one checkpoint
     python evaler.py --checkpoint train_dir/<run> --all        # every checkpoint, into TensorBoard
+    python evaler.py --checkpoint train_dir/<run> --precise_bn 200   # BN with precise statistics
 
 The network and dataset are read from the run's config.json, so no training flag is repeated.
 """
@@ -13,12 +14,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 import argparse
 import json
 
-import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 import input_ops
-import model as model_lib
+import runs
 import util
 from util import UsageError
 
@@ -36,20 +35,11 @@ def parse_args(argv=None):
                         help="where the dataset lives (default: the run's --data_dir)")
     parser.add_argument("--batch_size", type=int, default=100,
                         help="examples per evaluation batch (default: %(default)s)")
+    parser.add_argument("--precise_bn", type=int, default=0, metavar="K",
+                        help="before evaluating, replace BN's moving statistics by population "
+                             "statistics over K training batches of the run's --batch_size "
+                             "(the checkpoint is not changed; no effect without BN layers)")
     return parser.parse_args(argv)
-
-
-def evaluate(model, dataset, num_classes):
-    """Mean cross-entropy, top-1 accuracy and confusion matrix [true, predicted] of `model` over
-    every example of `dataset`, in inference mode."""
-    total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
-    for images, labels in tqdm(dataset, desc="evaluating", leave=False, disable=None):
-        logits = model(images, training=False)
-        total_loss += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels, logits)))
-        np.add.at(confusion, (labels.numpy(), np.argmax(logits, axis=-1)), 1)
-    count = confusion.sum()
-    return total_loss / count, np.trace(confusion) / count, confusion
 
 
 def checkpoints_to_evaluate(path, every):
@@ -61,30 +51,11 @@ def checkpoints_to_evaluate(path, every):
     return list(state.all_model_checkpoint_paths)
 
 
-def restore_model(prefix, config, data):
-    model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
-                                  config["norm_type"], config["groups"], config["weight_std"],
-                                  config["dropout"])
-    try:
-        tf.train.Checkpoint(model=model).restore(prefix).expect_partial() \
-            .assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise UsageError(f"checkpoint {prefix} does not match its run's config.json "
-                         f"({str(error).strip().splitlines()[0]})") from None
-    return model
-
-
-def report(prefix, loss, accuracy, confusion, class_names):
-    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
-    return {"checkpoint": prefix, "step": util.checkpoint_step(prefix), "loss": float(loss),
-            "accuracy": float(accuracy),
-            "per_class_accuracy": dict(zip(class_names, per_class.round(4).tolist())),
-            "confusion_matrix": confusion.tolist()}
-
-
 def print_report(result):
+    statistics = (f" (BN: precise statistics over {result['precise_bn']} batches)"
+                  if result["precise_bn"] else "")
     print(f"{result['checkpoint']} (step {result['step']}): test loss {result['loss']:.4f}, "
-          f"top-1 accuracy {100 * result['accuracy']:.2f}%")
+          f"top-1 accuracy {100 * result['accuracy']:.2f}%{statistics}")
     names = list(result["per_class_accuracy"])
     width = max(len(name) for name in names)
     print("per-class accuracy:")
@@ -97,11 +68,14 @@ def print_report(result):
 
 
 def write_summaries(run_dir, results):
+    """Test loss and accuracy at each checkpoint's step, tagged `*_precise_bn` when BN's
+    statistics were recomputed."""
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "eval"))
     with writer.as_default():
         for result in results:
-            tf.summary.scalar("loss", result["loss"], step=result["step"])
-            tf.summary.scalar("accuracy", result["accuracy"], step=result["step"])
+            suffix = "_precise_bn" if result["precise_bn"] else ""
+            tf.summary.scalar("loss" + suffix, result["loss"], step=result["step"])
+            tf.summary.scalar("accuracy" + suffix, result["accuracy"], step=result["step"])
     writer.close()
 
 
@@ -109,15 +83,21 @@ def main(argv=None):
     args = parse_args(argv)
     if args.batch_size <= 0:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.precise_bn < 0:
+        raise UsageError(f"--precise_bn must be 0 (off) or a number of batches, got "
+                         f"{args.precise_bn}")
     prefixes = checkpoints_to_evaluate(args.checkpoint, args.all)
     config = util.read_run_config(prefixes[-1])
     _, data = input_ops.load(config["dataset"], args.data_dir or config["data_dir"])
     dataset = input_ops.eval_dataset(data, args.batch_size)
     results = []
     for prefix in prefixes:
-        model = restore_model(prefix, config, data)
-        results.append(report(prefix, *evaluate(model, dataset, data.num_classes),
-                              data.class_names))
+        model = runs.restore_model(prefix, config, data)
+        precise = args.precise_bn and runs.precise_batch_norm(model, config, data,
+                                                                args.precise_bn)
+        results.append(runs.report(prefix, *runs.evaluate(model, dataset, data.num_classes),
+                                   data.class_names))
+        results[-1]["precise_bn"] = args.precise_bn if precise else 0
         if not args.json:
             print_report(results[-1])
     if args.all:

@@ -2,7 +2,8 @@
 
     python trainer.py                                     # GN on the bundled Fashion-MNIST sample
     python trainer.py --norm_type batch --batch_size 2    # BN at batch 2
-    python trainer.py --checkpoint train_dir/<run>        # continue a run from its latest state
+    python trainer.py --checkpoint train_dir/<run>        # continue a run into a new directory
+    python trainer.py --run_dir runs/a                    # train in runs/a; run it again to continue
 
 Each step is one optimizer update over `max_batch_size` examples: the gradients of
 max_batch_size / batch_size batches are accumulated (Keras's `gradient_accumulation_steps`), so a
@@ -25,9 +26,9 @@ import tensorflow as tf
 import input_ops
 import model as model_lib
 import ops
+import runs
 import util
 from datasets import registry
-from evaler import evaluate
 from util import UsageError, log
 
 # Flags that define the network: a checkpoint only continues with the same values.
@@ -38,8 +39,10 @@ DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser(**options):
+    """The trainer's flags; `options` go to argparse.ArgumentParser (study.py checks the flags
+    it passes on with a strict parser)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], **options)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=registry.DEFAULT_DATASET,
                       help="sample (default: the bundled Fashion-MNIST subset), MNIST, Fashion, "
@@ -87,6 +90,10 @@ def parse_args(argv=None):
                       help="where run directories are made (default: %(default)s)")
     logs.add_argument("--checkpoint", default=None,
                       help="continue from this checkpoint prefix, or a run directory's latest")
+    logs.add_argument("--run_dir", default=None,
+                      help="train in this directory instead of a new one under --train_dir; if "
+                           "it holds checkpoints, continue from its latest, so the same command "
+                           "run again continues (or completes) an interrupted run")
     logs.add_argument("--log_step", type=int, default=10,
                       help="print a training line every this many steps (default: %(default)s)")
     logs.add_argument("--test_sample_step", type=int, default=10,
@@ -97,7 +104,11 @@ def parse_args(argv=None):
     logs.add_argument("--ckpt_save_step", type=int, default=1000,
                       help="save a checkpoint every this many steps, and always at the end "
                            "(default: %(default)s)")
-    config = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    config = build_parser().parse_args(argv)
     if config.learning_rate is None:
         config.learning_rate = DEFAULT_LEARNING_RATE[config.optimizer]
     return config
@@ -192,16 +203,22 @@ class Trainer:
         self.test_iterator = iter(input_ops.test_sample_dataset(data, eval_batch, config.seed))
         self.eval_data = input_ops.eval_dataset(data, eval_batch)
         # Where the random streams stand: the input pipeline and the dropout seeds.
-        streams = tf.train.Checkpoint(input=self.train_iterator,
-                                      dropout_seeds=dropout_seeds(self.model))
+        self.streams = tf.train.Checkpoint(input=self.train_iterator,
+                                           dropout_seeds=dropout_seeds(self.model))
+        # Seconds spent training so far, over every process that worked on the run.
+        self.clock = tf.Variable(0.0, dtype=tf.float64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
-                                              streams=streams)
+                                              streams=self.streams, train_seconds=self.clock)
         self.manager = self.writers = None  # made by open_run_dir, once the state is final
+        self.started = None  # time.time() when this process began training
 
     def open_run_dir(self):
         """Creates the run directory with config.json, the checkpoint manager and the summary
-        writers."""
+        writers; a result.json from an earlier end of the run no longer holds and is removed."""
         util.write_json(os.path.join(self.run_dir, "config.json"), vars(self.config))
+        stale_result = os.path.join(self.run_dir, "result.json")
+        if os.path.exists(stale_result):
+            os.remove(stale_result)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir, max_to_keep=None,
                                                   checkpoint_name="model")
         self.writers = {split: tf.summary.create_file_writer(os.path.join(self.run_dir, split))
@@ -211,18 +228,25 @@ class Trainer:
     def step(self):
         return int(self.optimizer.iterations.numpy())
 
+    @property
+    def seconds(self):
+        """Seconds spent training, including those of the processes before this one."""
+        return float(self.clock.numpy()) + time.time() - self.started
+
     def restore(self, prefix, source_config):
         """Continues from `prefix`; the random streams (input position, dropout seeds) are
         restored only when the data flags are the same as in the run that wrote it."""
         same_data = all(source_config.get(f) == getattr(self.config, f) for f in DATA_FLAGS)
-        state = self.checkpoint if same_data else tf.train.Checkpoint(model=self.model,
-                                                                      optimizer=self.optimizer)
+        state = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                    **({"streams": self.streams} if same_data else {}))
         try:
             state.restore(prefix).expect_partial().assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise UsageError(f"checkpoint {prefix} does not match the model of these flags "
                              f"({first_line}) — pass the flags it was trained with") from None
+        # Checkpoints written before the clock was saved have none: it then starts at 0.
+        tf.train.Checkpoint(train_seconds=self.clock).restore(prefix).expect_partial()
         if not same_data:
             log.info("data flags differ from the checkpoint's run: the input stream restarts")
         log.info("continuing from %s at step %d", prefix, self.step)
@@ -257,6 +281,7 @@ class Trainer:
         """Trains to max_training_step; saves every ckpt_save_step, at the end and on Ctrl-C."""
         config = self.config
         examples_per_step = self.accumulate * config.batch_size
+        self.started = time.time()
         self.write_input_images()
         window = []  # (loss, accuracy, seconds) since the last log line
         try:
@@ -306,6 +331,8 @@ class Trainer:
 
     def save(self):
         if self.manager.latest_checkpoint != self.checkpoint_path(self.step):
+            self.clock.assign(self.seconds)
+            self.started = time.time()
             path = self.manager.save(checkpoint_number=self.step)
             log.info("saved checkpoint %s", path)
         for writer in self.writers.values():
@@ -336,6 +363,36 @@ def check_can_continue(config, prefix, source_config):
                          f"update, these flags {our_accumulation} — continue with {flags}")
 
 
+def checkpoint_to_continue(config):
+    """The checkpoint prefix this run starts from, or None: --checkpoint, else the latest
+    checkpoint in --run_dir when that directory already holds some."""
+    if config.run_dir is None:
+        return config.checkpoint and util.resolve_checkpoint(config.checkpoint)
+    if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
+        raise UsageError(f"--run_dir {config.run_dir} is a file — pass a directory")
+    latest = os.path.isdir(config.run_dir) and tf.train.latest_checkpoint(config.run_dir)
+    if latest and config.checkpoint:
+        raise UsageError(f"--run_dir {config.run_dir} holds checkpoints already — drop "
+                         "--checkpoint to continue it, or pass a new --run_dir")
+    if latest:
+        return latest
+    return config.checkpoint and util.resolve_checkpoint(config.checkpoint)
+
+
+def write_result(trainer, loss, accuracy, confusion):
+    """<run>/result.json, written when a run ends: the evaluation of its last checkpoint in the
+    shape `evaler.py --json` prints, the training time and throughput, and the resolved flags."""
+    config = trainer.config
+    result = runs.report(trainer.manager.latest_checkpoint, loss, accuracy, confusion,
+                         trainer.data.class_names)
+    seconds = trainer.seconds
+    result.update(seconds=round(seconds, 3),
+                  images_per_sec=round(trainer.step * trainer.accumulate * config.batch_size
+                                       / seconds, 2),
+                  config=vars(config))
+    util.write_json(os.path.join(trainer.run_dir, "result.json"), result)
+
+
 def main(argv=None):
     config = parse_args(argv)
     util.setup_logging()
@@ -345,13 +402,13 @@ def main(argv=None):
     config.model = config.model or model_lib.default_model(image_size)
     config.augment = (spec is not None and spec.augment) if config.augment is None else config.augment
     source = None
-    if config.checkpoint:
-        prefix = util.resolve_checkpoint(config.checkpoint)
+    prefix = checkpoint_to_continue(config)
+    if prefix:
         source = (prefix, util.read_run_config(prefix))
         check_can_continue(config, *source)
 
     keras.utils.set_random_seed(config.seed)
-    run_dir = util.new_run_dir(config)
+    run_dir = config.run_dir or util.new_run_dir(config)
     trainer = Trainer(config, data, run_dir)
     if source:
         trainer.restore(*source)
@@ -366,7 +423,8 @@ def main(argv=None):
         trainer.train()
     except KeyboardInterrupt:
         raise SystemExit(130)
-    loss, accuracy, _ = evaluate(trainer.model, trainer.eval_data, data.num_classes)
+    loss, accuracy, confusion = runs.evaluate(trainer.model, trainer.eval_data, data.num_classes)
+    write_result(trainer, loss, accuracy, confusion)
     log.info("done: step %d, test loss %.4f, test accuracy %.2f%% (%d examples)", trainer.step,
              loss, 100 * accuracy, data.num_test)
 

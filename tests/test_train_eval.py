@@ -254,3 +254,59 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     os.makedirs(first)
     second = util.new_run_dir(config)
     assert second == first + "_2"
+
+
+def test_result_json_is_written_at_the_end(batch_norm_run, capsys):
+    """result.json holds the evaluation evaler.py prints, the time and the resolved flags."""
+    with open(os.path.join(batch_norm_run, "result.json")) as f:
+        result = json.load(f)
+    evaler.main(["--checkpoint", batch_norm_run, "--json"])
+    evaluated = json.loads(capsys.readouterr().out)
+    for key in ("checkpoint", "step", "accuracy", "per_class_accuracy", "confusion_matrix"):
+        assert result[key] == evaluated[key], key
+    assert result["loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
+    assert result["step"] == 6 and result["seconds"] > 0
+    assert result["images_per_sec"] == pytest.approx(6 * 32 / result["seconds"], rel=0.01)
+    assert result["config"]["norm_type"] == "batch" and result["config"]["model"] == "conv"
+
+
+def test_run_dir_continues_where_it_stopped(tmp_path, monkeypatch):
+    """--run_dir: the same command after an interruption continues from the run's latest
+    checkpoint, in place, to the weights of a run never interrupted; the result.json of an
+    earlier end is removed when training starts again."""
+    straight = train(tmp_path / "straight", "--norm_type", "batch")
+    run_dir = str(tmp_path / "run")
+    argv = [*TINY, "--norm_type", "batch", "--run_dir", run_dir]
+    original_step = trainer.Trainer.train_step
+
+    def interrupted_after_step_3(self):
+        result = original_step(self)
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "train_step", interrupted_after_step_3)
+        with pytest.raises(SystemExit):
+            trainer.main(argv)
+    assert not os.path.exists(os.path.join(run_dir, "result.json"))
+    trainer.main(argv)
+    expected = checkpoint_values(tf.train.latest_checkpoint(straight))
+    got = checkpoint_values(tf.train.latest_checkpoint(run_dir))
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    with open(os.path.join(run_dir, "result.json")) as f:
+        assert json.load(f)["step"] == 6
+    trainer.main([*argv, "--max_training_step", "8"])
+    with open(os.path.join(run_dir, "result.json")) as f:
+        assert json.load(f)["step"] == 8
+
+
+def test_run_dir_errors(batch_norm_run, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    error = cli_error(trainer.main, [*TINY, "--run_dir", str(a_file)], capsys)
+    assert f"--run_dir {a_file} is a file — pass a directory" in error
+    error = cli_error(trainer.main, [*TINY, "--norm_type", "batch", "--run_dir", batch_norm_run,
+                                     "--checkpoint", batch_norm_run], capsys)
+    assert "holds checkpoints already — drop --checkpoint to continue it" in error

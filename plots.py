@@ -1,0 +1,91 @@
+"""The batch-size study's figures, drawn with matplotlib's Agg backend (no display needed)."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import numpy as np  # noqa: E402
+
+import util  # noqa: E402
+
+DPI = 100
+# Exponential smoothing of the noisy per-step curves, as TensorBoard's slider does.
+SMOOTHING = 0.6
+
+
+def accuracy_vs_batch(path, summary, config):
+    """Test error against batch size (log2 axis), one line per normalization, error bars over
+    seeds. `summary` is {line name: {batch size: (mean, std, seeds)}}."""
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=DPI)
+    batch_sizes = sorted({b for by_batch in summary.values() for b in by_batch})
+    for name, by_batch in summary.items():
+        batches = sorted(by_batch)
+        means, stds = (np.array([by_batch[b][i] for b in batches]) for i in (0, 1))
+        axis.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=name,
+                      linestyle="--" if "precise" in name else "-")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    axis.minorticks_off()
+    axis.set_xlabel("batch size (examples per normalization statistic)")
+    axis.set_ylabel("test error (%)")
+    axis.set_title(f"{config['model']} on {config['dataset']}, "
+                   f"{config['max_training_step']} updates")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    save(figure, path)
+
+
+def training_curves(path, curves, config, names):
+    """Training loss (top) and one-batch test accuracy (bottom) against step, one column per
+    normalization, one line per batch size, averaged over seeds. `curves` is {(norm type, batch
+    size, seed): {"train_loss": (steps, values), "test_accuracy": (steps, values)}}; `names`
+    {norm type: name to show}."""
+    norm_types = list(dict.fromkeys(key[0] for key in curves))
+    batch_sizes = sorted({key[1] for key in curves})
+    colors = dict(zip(batch_sizes, plt.cm.viridis(np.linspace(0, 0.9, len(batch_sizes)))))
+    figure, axes = plt.subplots(2, len(norm_types), figsize=(4.5 * len(norm_types) + 1, 7),
+                                dpi=DPI, sharex=True, sharey="row", squeeze=False)
+    for column, norm_type in enumerate(norm_types):
+        for row, (metric, label) in enumerate((("train_loss", "training loss"),
+                                               ("test_accuracy", "test accuracy (one batch)"))):
+            axis = axes[row, column]
+            for batch_size in batch_sizes:
+                runs = [c[metric] for key, c in curves.items() if key[:2] == (norm_type, batch_size)]
+                steps, values = mean_over_runs(runs)
+                if len(steps):
+                    axis.plot(steps, smooth(values), color=colors[batch_size],
+                              label=f"batch {batch_size}")
+            axis.grid(alpha=0.3)
+            if column == 0:
+                axis.set_ylabel(label)
+            if row == 1:
+                axis.set_xlabel("step (update)")
+        axes[0, column].set_title(f"{config['model']}, {names.get(norm_type, norm_type)}")
+    axes[0, -1].legend(fontsize="small")
+    figure.suptitle(f"{config['dataset']}: curves smoothed ({SMOOTHING}), mean over seeds")
+    save(figure, path)
+
+
+def mean_over_runs(runs):
+    """The mean of several (steps, values) curves at the steps they all have."""
+    if not runs:
+        return np.array([]), np.array([])
+    common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in runs)))
+    values = [dict(zip(steps.tolist(), values)) for steps, values in runs]
+    return np.array(common), np.array([np.mean([v[s] for v in values]) for s in common])
+
+
+def smooth(values):
+    smoothed, last = [], values[0] if len(values) else 0.0
+    for value in values:
+        last = SMOOTHING * last + (1 - SMOOTHING) * value
+        smoothed.append(last)
+    return np.array(smoothed)
+
+
+def save(figure, path):
+    """Saves to a temporary name and renames, like every other file a run leaves."""
+    figure.tight_layout()
+    with util.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)

@@ -1,0 +1,99 @@
+"""A run's model after training: restore it from a checkpoint, evaluate it on the test set, report
+the result in one JSON shape, and re-estimate BN's population statistics (precise BN).
+
+trainer.py (its result.json), evaler.py and study.py (through evaler.py) share these, so a run is
+restored and measured one way everywhere.
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+import input_ops
+import model as model_lib
+import util
+from util import UsageError
+
+
+def restore_model(prefix, config, data):
+    """The network of a run's `config` (its config.json) with the weights of checkpoint `prefix`."""
+    model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
+                                  config["norm_type"], config["groups"], config["weight_std"],
+                                  config["dropout"])
+    try:
+        tf.train.Checkpoint(model=model).restore(prefix).expect_partial() \
+            .assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise UsageError(f"checkpoint {prefix} does not match its run's config.json "
+                         f"({str(error).strip().splitlines()[0]})") from None
+    return model
+
+
+def evaluate(model, dataset, num_classes):
+    """Mean cross-entropy, top-1 accuracy and confusion matrix [true, predicted] of `model` over
+    every example of `dataset`, in inference mode."""
+    total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
+    # One graph for all batches: run eagerly, the layers' Python costs more than their compute.
+    infer = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    for images, labels in tqdm(dataset, desc="evaluating", leave=False, disable=None):
+        logits = infer(images)
+        total_loss += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels, logits)))
+        np.add.at(confusion, (labels.numpy(), np.argmax(logits, axis=-1)), 1)
+    count = confusion.sum()
+    return total_loss / count, np.trace(confusion) / count, confusion
+
+
+def report(prefix, loss, accuracy, confusion, class_names):
+    """The result of evaluating checkpoint `prefix`: what `evaler.py --json` prints and the core
+    of the trainer's result.json."""
+    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    return {"checkpoint": prefix, "step": util.checkpoint_step(prefix), "loss": float(loss),
+            "accuracy": float(accuracy),
+            "per_class_accuracy": dict(zip(class_names, per_class.round(4).tolist())),
+            "confusion_matrix": confusion.tolist()}
+
+
+# Precise BN -------------------------------------------------------------------------------------
+
+def batch_norm_layers(model):
+    return [layer for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def precise_batch_norm(model, config, data, num_batches):
+    """Replaces the moving mean and variance of every BN layer of `model` by population statistics
+    over `num_batches` training batches of the run's batch size ("precise BN", Wu & Johnson 2021).
+
+    The network runs as in training (batch statistics, dropout, the run's augmentation), so the
+    estimate targets what the moving averages target, without their noise and lag. The population
+    variance is the mean over batches of E[x^2] minus the square of the mean of E[x]: the mean of
+    the per-batch variances plus the variance of the per-batch means. Returns the number of BN
+    layers (0 leaves `model` as it was)."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        return 0
+    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+
+    @tf.function
+    def batch_moments(images):
+        features = tf.nest.flatten(probe(images, training=True))  # a list also for one layer
+        return [tf.nn.moments(tf.cast(x, tf.float32), axes=list(range(x.shape.rank - 1)))
+                for x in features]
+
+    batches = input_ops.train_dataset(data, config["batch_size"], config["seed"],
+                                      config["augment"]).take(num_batches)
+    means, variances = [[] for _ in layers], [[] for _ in layers]
+    for images, _ in tqdm(batches, total=num_batches, desc="precise BN", leave=False,
+                          disable=None):
+        for i, (mean, variance) in enumerate(batch_moments(images)):
+            means[i].append(mean.numpy().astype(np.float64))
+            variances[i].append(variance.numpy().astype(np.float64))
+    for layer, batch_means, batch_variances in zip(layers, means, variances):
+        batch_means = np.array(batch_means)
+        population_mean = batch_means.mean(axis=0)
+        population_variance = (np.mean(batch_variances, axis=0)
+                               + np.mean((batch_means - population_mean) ** 2, axis=0))
+        layer.moving_mean.assign(population_mean.astype(np.float32))
+        layer.moving_variance.assign(population_variance.astype(np.float32))
+    return len(layers)

@@ -1,0 +1,386 @@
+"""The batch-size study: normalization types x batch sizes x seeds, one trainer.py run per cell,
+collated into a table and figures.
+
+    python study.py                                  # sample, conv, BN and GN at batch 1-64, seed 0
+    python study.py --seeds 0 1 2                    # the same study with two more seeds
+    python study.py --dataset Fashion --model resnet20 --groups 8 --batch_sizes 2 4 8 16 32 \\
+        --max_training_step 1000 --jobs 2
+    python study.py --print_commands                 # trainer commands of unfinished cells
+    python study.py --report                         # collate what exists, train nothing
+
+Every flag not listed below is a trainer.py flag (`python trainer.py --help`) and goes to every
+run unchanged. Running the same command again skips finished runs and continues interrupted ones
+from their latest checkpoint; more norm types, batch sizes or seeds extend the grid. The study
+directory holds study.json (its trainer flags and grid), runs/<cell>/ (ordinary run directories),
+logs/<cell>.log, and results.csv, results.md, accuracy_vs_batch.png, curves.png.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up notices quiet
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+import study_report
+import util
+from util import UsageError
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_GRID = {"norm_types": ["batch", "group"], "batch_sizes": [1, 2, 4, 8, 16, 32, 64],
+                "seeds": [0]}
+# Trainer flags the study sets itself for each cell, and what to pass instead.
+STUDY_MANAGED_FLAGS = {"--norm_type": "--norm_types", "--batch_size": "--batch_sizes",
+                       "--seed": "--seeds", "--run_dir": "--study_dir",
+                       "--train_dir": "--study_dir", "--prefix": "--study_dir",
+                       "--checkpoint": "nothing (interrupted runs continue by themselves)"}
+BATCH_NORMS = ("batch", "sync_batch")
+TRAIN_LINE = re.compile(r"\[train step +(\d+)\]")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False, usage="python study.py [study flags] [trainer.py flags]")
+    grid = parser.add_argument_group("the grid (default: batch group / 1 2 4 8 16 32 64 / 0; "
+                                     "in an existing --study_dir, its grid)")
+    grid.add_argument("--norm_types", nargs="+", metavar="NORM",
+                      help="--norm_type values: batch, sync_batch, group, layer, instance, none")
+    grid.add_argument("--batch_sizes", nargs="+", type=int, metavar="B",
+                      help="--batch_size values (examples per normalization statistic)")
+    grid.add_argument("--seeds", nargs="+", type=int, metavar="S", help="--seed values")
+    study = parser.add_argument_group("the study")
+    study.add_argument("--study_dir", default=None,
+                       help="where runs, logs, tables and figures go (default: "
+                            "studies/<dataset>, or studies/<dataset>_<model> with --model)")
+    study.add_argument("--jobs", type=int, default=1,
+                       help="trainer processes at once; the CPU cores are shared between them "
+                            "(default: %(default)s)")
+    study.add_argument("--precise_bn", type=int, default=200, metavar="K",
+                       help="also evaluate every BN run with precise statistics from K training "
+                            "batches (evaler.py --precise_bn; 0: off; default: %(default)s)")
+    mode = study.add_mutually_exclusive_group()
+    mode.add_argument("--print_commands", action="store_true",
+                      help="print the trainer command of every unfinished cell, one per line "
+                           "(for a scheduler), and train nothing")
+    mode.add_argument("--report", action="store_true",
+                      help="train nothing: evaluate finished BN runs with precise BN where "
+                           "missing, and collate whatever exists")
+    args, trainer_flags = parser.parse_known_args(argv)
+    args.trainer_flags = trainer_flags
+    return args
+
+
+# The study directory ----------------------------------------------------------------------------
+
+def check_trainer_flags(flags):
+    """({flag destination: value} of the trainer settings `flags` change from trainer.py's
+    defaults, every setting); one-line errors for flags trainer.py does not know or the study
+    sets itself."""
+    import trainer  # its flag definitions; imported here so that --help stays quick
+
+    for token in flags:
+        name = token.split("=", 1)[0]
+        if name in STUDY_MANAGED_FLAGS:
+            raise UsageError(f"{name} is set by the study for each run — pass "
+                             f"{STUDY_MANAGED_FLAGS[name]} instead")
+    parser = trainer.build_parser(allow_abbrev=False, exit_on_error=False)
+    try:
+        config, unknown = parser.parse_known_args(flags)
+    except argparse.ArgumentError as error:
+        raise UsageError(f"trainer flag {error} — see python trainer.py --help") from None
+    if unknown:
+        raise UsageError(f"{unknown[0]} is neither a study.py nor a trainer.py flag — see "
+                         "python study.py --help and python trainer.py --help")
+    defaults, config = vars(parser.parse_args([])), vars(config)
+    return {name: value for name, value in config.items() if value != defaults[name]}, config
+
+
+def default_study_dir(trainer_config):
+    name = trainer_config.get("dataset", "sample")
+    if "model" in trainer_config:
+        name += f"_{trainer_config['model']}"
+    return os.path.join("studies", name)
+
+
+def open_study(args):
+    """The study's record (study.json): its trainer flags and the grid, made or extended by
+    `args`. Other trainer flags than those it was made with are refused."""
+    trainer_config, _ = check_trainer_flags(args.trainer_flags)
+    study_dir = args.study_dir or default_study_dir(trainer_config)
+    path = os.path.join(study_dir, "study.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            record = json.load(f)
+        if args.trainer_flags and trainer_config != record["trainer_config"]:
+            raise UsageError(differing_flags_error(study_dir, record, trainer_config))
+    elif args.report:
+        raise UsageError(f"{study_dir} holds no study (no study.json) — run the study first, "
+                         "or pass the --study_dir it was run in")
+    else:
+        record = {"trainer_flags": args.trainer_flags, "trainer_config": trainer_config,
+                  **{axis: [] for axis in DEFAULT_GRID}}
+    for axis, default in DEFAULT_GRID.items():
+        given = getattr(args, axis) or ([] if record[axis] else default)
+        record[axis] = extend_axis(record[axis], given, numeric=axis != "norm_types")
+    check_grid(record)
+    record["study_dir"] = study_dir
+    record["max_training_step"] = check_trainer_flags(record["trainer_flags"])[1][
+        "max_training_step"]
+    return record
+
+
+def extend_axis(values, more, numeric):
+    """`values` and the new ones of `more`: batch sizes and seeds in numeric order, norm types in
+    the order they were first given."""
+    merged = values + [value for value in dict.fromkeys(more) if value not in values]
+    return sorted(merged) if numeric else merged
+
+
+def differing_flags_error(study_dir, record, trainer_config):
+    theirs = record["trainer_config"]
+    changed = sorted(name for name in set(theirs) | set(trainer_config)
+                     if theirs.get(name) != trainer_config.get(name))
+    made_with = " ".join(f"--{name} {theirs.get(name)}" for name in changed)
+    return (f"{study_dir} was run with {made_with} — pass the trainer flags it was made with "
+            f"({shlex.join(record['trainer_flags']) or 'none'}), or another --study_dir")
+
+
+def check_grid(record):
+    import ops
+
+    for norm_type in record["norm_types"]:
+        if norm_type not in ops.NORM_TYPES:
+            raise UsageError(f"--norm_types: unknown {norm_type!r}; choose from "
+                             f"{', '.join(ops.NORM_TYPES)}")
+    if min(record["batch_sizes"]) <= 0:
+        raise UsageError(f"--batch_sizes must be positive, got {min(record['batch_sizes'])}")
+
+
+def save_record(record):
+    stored = {key: value for key, value in record.items()
+              if key not in ("study_dir", "max_training_step")}
+    util.write_json(os.path.join(record["study_dir"], "study.json"), stored)
+
+
+# Cells ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Cell:
+    norm_type: str
+    batch_size: int
+    seed: int
+    study_dir: str
+
+    @property
+    def name(self):
+        return f"{self.norm_type}-bs{self.batch_size}-seed{self.seed}"
+
+    @property
+    def run_dir(self):
+        return os.path.join(self.study_dir, "runs", self.name)
+
+    @property
+    def log_path(self):
+        return os.path.join(self.study_dir, "logs", self.name + ".log")
+
+    @property
+    def result_path(self):
+        return os.path.join(self.run_dir, "result.json")
+
+    @property
+    def precise_bn_path(self):
+        return os.path.join(self.run_dir, "precise_bn.json")
+
+    def finished(self):
+        return os.path.exists(self.result_path)
+
+    def steps_done(self):
+        """The step of the cell's latest checkpoint (0 before its first)."""
+        state = os.path.join(self.run_dir, "checkpoint")
+        if not os.path.exists(state):
+            return 0
+        with open(state) as f:
+            first_line = f.readline()  # model_checkpoint_path: "model-<step>"
+        return int(first_line.strip().rstrip('"').rsplit("-", 1)[1])
+
+
+def cells(record):
+    return [Cell(norm_type, batch_size, seed, record["study_dir"])
+            for norm_type in record["norm_types"] for batch_size in record["batch_sizes"]
+            for seed in record["seeds"]]
+
+
+def trainer_command(record, cell):
+    return [sys.executable, os.path.join(REPO, "trainer.py"), *record["trainer_flags"],
+            "--norm_type", cell.norm_type, "--batch_size", str(cell.batch_size),
+            "--seed", str(cell.seed), "--run_dir", cell.run_dir]
+
+
+def precise_bn_command(cell, num_batches):
+    return [sys.executable, os.path.join(REPO, "evaler.py"), "--checkpoint", cell.run_dir,
+            "--precise_bn", str(num_batches), "--json"]
+
+
+# Running processes ------------------------------------------------------------------------------
+
+def thread_environment(jobs):
+    """The environment of each of `jobs` processes at once: TensorFlow's thread pools sized so
+    that together they use the cores once (a user's own settings are kept)."""
+    environment = dict(os.environ)
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+            environment.setdefault(name, threads)
+    return environment
+
+
+def logged_step(log_path, default):
+    """The step of the last training line a trainer wrote to its log."""
+    with open(log_path, "rb") as f:
+        f.seek(max(0, os.path.getsize(log_path) - 4096))
+        steps = TRAIN_LINE.findall(f.read().decode(errors="replace"))
+    return int(steps[-1]) if steps else default
+
+
+def last_error_line(log_path):
+    """The line of a failed process's log that says why: its `error:` line, else the last one."""
+    with open(log_path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    for says_why in (lambda line: line.startswith("error:"), lambda line: "Error" in line):
+        reasons = [line for line in lines if says_why(line)]
+        if reasons:
+            return reasons[-1]
+    return lines[-1] if lines else "no output"
+
+
+def train_cells(record, pending, jobs):
+    """Runs the trainer of every pending cell, `jobs` at a time; one line per finished or failed
+    run and a bar over the updates still to make. Returns the failed cells."""
+    total_steps = record["max_training_step"]
+    environment = thread_environment(jobs)
+    queue, running, failed = list(pending), {}, []
+    bar = tqdm(total=sum(total_steps - min(c.steps_done(), total_steps) for c in pending),
+               unit="update", desc="study", dynamic_ncols=True, disable=None)
+    progress = {cell.name: min(cell.steps_done(), total_steps) for cell in pending}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                cell = queue.pop(0)
+                running[cell.name] = (cell, start(trainer_command(record, cell), cell.log_path,
+                                                  environment), time.time())
+            time.sleep(0.5)
+            for name, (cell, process, started) in list(running.items()):
+                done = min(logged_step(cell.log_path, progress[name]), total_steps)
+                bar.update(max(0, done - progress[name]))
+                progress[name] = max(progress[name], done)
+                if process.poll() is None:
+                    continue
+                del running[name]
+                if process.returncode == 0 and cell.finished():
+                    bar.update(total_steps - progress[name])
+                    say(finished_line(cell, time.time() - started))
+                else:
+                    failed.append(cell)
+                    say(f"FAILED {cell.name}: {last_error_line(cell.log_path)} "
+                        f"(log: {cell.log_path})")
+    except KeyboardInterrupt:
+        # The trainers got the same Ctrl-C and save a checkpoint; wait for them to finish that.
+        for _, process, _ in running.values():
+            process.wait()
+        raise
+    finally:
+        bar.close()
+    return failed
+
+
+def say(line):
+    """A line on stderr, above the progress bar."""
+    tqdm.write(line, file=sys.stderr)
+
+
+def start(command, log_path, environment):
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log_file:
+        log_file.write(f"$ {shlex.join(command)}\n")
+        log_file.flush()
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=environment, cwd=os.getcwd())
+
+
+def finished_line(cell, wall_seconds):
+    with open(cell.result_path) as f:
+        result = json.load(f)
+    return (f"{cell.name}: test accuracy {100 * result['accuracy']:.2f}% at step "
+            f"{result['step']} ({wall_seconds / 60:.1f} min)")
+
+
+def evaluate_precise_bn(record, num_batches):
+    """Writes <run>/precise_bn.json (evaler.py --precise_bn K --json) for every finished BN run
+    that lacks it for this K. Returns the cells whose evaluation failed."""
+    todo = [cell for cell in cells(record)
+            if cell.norm_type in BATCH_NORMS and cell.finished()
+            and precise_bn_batches(cell) != num_batches]
+    failed = []
+    for cell in tqdm(todo, desc="precise BN", unit="run", disable=None):
+        result = subprocess.run(precise_bn_command(cell, num_batches), capture_output=True,
+                                text=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            failed.append(cell)
+            lines = result.stderr.strip().splitlines() or ["no output"]
+            say(f"FAILED precise BN of {cell.name}: {lines[-1]}")
+            continue
+        report = json.loads(result.stdout)
+        util.write_json(cell.precise_bn_path, report)
+    return failed
+
+
+def precise_bn_batches(cell):
+    if not os.path.exists(cell.precise_bn_path):
+        return None
+    with open(cell.precise_bn_path) as f:
+        return json.load(f)["precise_bn"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.jobs <= 0:
+        raise UsageError(f"--jobs must be positive, got {args.jobs}")
+    if args.precise_bn < 0:
+        raise UsageError(f"--precise_bn must be 0 (off) or a number of batches, got "
+                         f"{args.precise_bn}")
+    record = open_study(args)
+    save_record(record)
+    pending = [cell for cell in cells(record) if not cell.finished()]
+    if args.print_commands:
+        for cell in pending:
+            print(shlex.join(trainer_command(record, cell)))
+        return
+    failed = []
+    if not args.report:
+        print(f"{record['study_dir']}: {len(cells(record))} runs, {len(pending)} to train "
+              f"({args.jobs} at a time)", file=sys.stderr)
+        try:
+            failed = train_cells(record, pending, args.jobs)
+        except KeyboardInterrupt:
+            print("interrupted: run the same command again to continue", file=sys.stderr)
+            raise SystemExit(130)
+    if args.precise_bn:
+        failed += evaluate_precise_bn(record, args.precise_bn)
+    written = study_report.write_report(record, cells(record))
+    print("\n".join(written), file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} failed: {', '.join(cell.name for cell in failed)}",
+              file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    util.run_cli(main)

@@ -1,0 +1,212 @@
+"""study.py end to end on the bundled sample: a small grid of real trainer processes, its table and
+figures, resuming (also after kill -9), failures, the flag rules and --print_commands."""
+import csv
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import study
+import util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each cell: 4 updates of 16 examples, two batches of 8 when the batch is 8.
+TINY = ["--max_training_step", "4", "--max_batch_size", "16", "--log_step", "2",
+        "--test_sample_step", "2", "--write_summary_step", "2", "--ckpt_save_step", "2"]
+
+
+def run_study(study_dir, *flags):
+    """study.main as `python study.py` runs it; returns the exit status."""
+    try:
+        util.run_cli(lambda: study.main(["--study_dir", str(study_dir), *flags]))
+    except SystemExit as exit_info:
+        return exit_info.code
+    return 0
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def run_state(study_dir):
+    """{file: modification time} of everything under runs/ and logs/: what training changes."""
+    paths = glob.glob(os.path.join(study_dir, "runs", "**"), recursive=True)
+    paths += glob.glob(os.path.join(study_dir, "logs", "*"))
+    return {p: os.path.getmtime(p) for p in paths if os.path.isfile(p)}
+
+
+def final_weights(run_dir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/")}
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    """BN and GN at batch 8 and 16, seed 0, BN also evaluated with precise BN."""
+    study_dir = tmp_path_factory.mktemp("study") / "grid"
+    status = run_study(study_dir, "--norm_types", "batch", "group", "--batch_sizes", "8", "16",
+                       "--precise_bn", "3", "--jobs", "2", *TINY)
+    assert status == 0
+    return study_dir
+
+
+def test_grid_writes_runs_table_and_figures(small_study):
+    names = sorted(os.listdir(small_study / "runs"))
+    assert names == ["batch-bs16-seed0", "batch-bs8-seed0", "group-bs16-seed0", "group-bs8-seed0"]
+    rows = read_csv(small_study / "results.csv")
+    assert len(rows) == 4
+    for row in rows:
+        assert row["step"] == "4" and 0 <= float(row["test_accuracy"]) <= 1
+        assert float(row["seconds"]) > 0 and os.path.isdir(row["run_dir"])
+        assert (row["precise_bn_test_accuracy"] != "") == (row["norm_type"] == "batch")
+    # Each run is an ordinary trainer run: config.json, checkpoints, events, result.json.
+    run = small_study / "runs" / "batch-bs8-seed0"
+    for name in ("config.json", "result.json", "precise_bn.json", "model-4.index", "train"):
+        assert os.path.exists(run / name), name
+
+
+def test_table_holds_the_means_of_the_csv(small_study):
+    rows = read_csv(small_study / "results.csv")
+    table = (small_study / "results.md").read_text()
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()
+             if line.startswith("| ")}
+    assert "| | batch 8 | batch 16 |" in table
+    for name, norm_type, column in (("BN", "batch", "test_accuracy"),
+                                    ("GN", "group", "test_accuracy"),
+                                    ("BN (precise)", "batch", "precise_bn_test_accuracy")):
+        cells = [c.strip() for c in lines[name].split("|")[2:-1]]
+        for batch_size, text in zip(("8", "16"), cells):
+            (accuracy,) = [float(r[column]) for r in rows
+                           if r["norm_type"] == norm_type and r["batch_size"] == batch_size]
+            assert float(text) == pytest.approx(100 * (1 - accuracy), abs=0.05), (name, batch_size)
+    difference = [c.strip() for c in lines["BN − GN"].split("|")[2:-1]]
+    bn = [c.strip() for c in lines["BN"].split("|")[2:-1]]
+    gn = [c.strip() for c in lines["GN"].split("|")[2:-1]]
+    for d, b, g in zip(difference, bn, gn):
+        assert float(d) == pytest.approx(float(b) - float(g), abs=0.11)
+
+
+def test_figures_decode_at_their_size(small_study):
+    for name, (width, height) in (("accuracy_vs_batch.png", (700, 450)),
+                                  ("curves.png", (1000, 700))):
+        image = iio.imread(small_study / name)
+        assert image.shape[:2] == (height, width), name
+        assert image.std() > 10, f"{name} is not blank"
+
+
+def test_rerun_trains_nothing(small_study, capsys):
+    before = run_state(small_study)
+    assert run_study(small_study, "--precise_bn", "3", *TINY) == 0
+    assert run_state(small_study) == before
+    assert "4 runs, 0 to train" in capsys.readouterr().err
+
+
+def test_more_seeds_extend_the_grid(small_study, tmp_path, capsys):
+    """--print_commands lists only the new cells, with the study's trainer flags."""
+    shutil.copytree(small_study, tmp_path / "copy")
+    assert run_study(tmp_path / "copy", "--seeds", "1", "--print_commands") == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 4
+    assert all("--seed 1" in c and "--max_training_step 4" in c for c in commands)
+    assert all(re.search(r"--run_dir \S+/runs/(batch|group)-bs(8|16)-seed1$", c)
+               for c in commands)
+
+
+def test_killed_cell_continues_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """kill -9 of study.py and its trainer after a checkpoint; the same command then continues
+    the cell from that checkpoint to the same final weights as a run never interrupted."""
+    flags = ["--norm_types", "batch", "--batch_sizes", "8", "--precise_bn", "0",
+             "--max_training_step", "20", "--max_batch_size", "16", "--ckpt_save_step", "5"]
+    run_dir = tmp_path / "killed" / "runs" / "batch-bs8-seed0"
+    process = subprocess.Popen([sys.executable, "study.py", "--study_dir",
+                                str(tmp_path / "killed"), *flags], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 180
+    while not os.path.exists(run_dir / "checkpoint") and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(run_dir / "result.json"), "killed before the end"
+    interrupted_at = study.Cell("batch", 8, 0, str(tmp_path / "killed")).steps_done()
+    assert 5 <= interrupted_at < 20
+
+    assert run_study(tmp_path / "killed", *flags) == 0
+    assert run_study(tmp_path / "straight", *flags) == 0
+    log = (tmp_path / "killed" / "logs" / "batch-bs8-seed0.log").read_text()
+    assert f"continuing from {run_dir}/model-{interrupted_at} at step {interrupted_at}" in log
+    expected = final_weights(tmp_path / "straight" / "runs" / "batch-bs8-seed0")
+    got = final_weights(run_dir)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_failed_cells_are_reported_and_the_others_finish(tmp_path, capsys):
+    """--groups 48 does not divide the conv net's 64 channels: the GN cell fails, BN trains."""
+    study_dir = tmp_path / "partial"
+    status = run_study(study_dir, "--norm_types", "batch", "group", "--batch_sizes", "16",
+                       "--precise_bn", "0", "--groups", "48", *TINY)
+    assert status == 1
+    err = capsys.readouterr().err
+    assert re.search(r"FAILED group-bs16-seed0: error: .*C=64 channels are not divisible by "
+                     r"G=48 groups", err)
+    assert "batch-bs16-seed0: test accuracy" in err
+    assert "1 failed: group-bs16-seed0" in err
+
+    # --report collates what exists: the BN run only.
+    os.remove(study_dir / "results.csv")
+    assert run_study(study_dir, "--report", "--precise_bn", "0") == 0
+    rows = read_csv(study_dir / "results.csv")
+    assert [(r["norm_type"], r["batch_size"]) for r in rows] == [("batch", "16")]
+    assert "| GN |" not in (study_dir / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "4"], "--batch_size is set by the study for each run — pass --batch_sizes"),
+    (["--checkpoint", "x"], "--checkpoint is set by the study"),
+    (["--no_such_flag", "1"], "--no_such_flag is neither a study.py nor a trainer.py flag"),
+    (["--norm", "batch"], "--norm is neither a study.py nor a trainer.py flag"),
+    (["--model", "vgg"], "trainer flag argument --model: invalid choice: 'vgg'"),
+    (["--norm_types", "batch", "bogus"], "--norm_types: unknown 'bogus'"),
+    (["--batch_sizes", "0"], "--batch_sizes must be positive, got 0"),
+    (["--jobs", "0"], "--jobs must be positive, got 0"),
+    (["--report"], "holds no study (no study.json)"),
+])
+def test_flag_errors(argv, message, tmp_path, capsys):
+    assert run_study(tmp_path / "s", *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not os.path.exists(tmp_path / "s"), "nothing is written on a bad flag"
+
+
+def test_other_trainer_flags_in_an_existing_study_are_refused(tmp_path, capsys):
+    assert run_study(tmp_path, "--print_commands", "--learning_rate", "0.01") == 0
+    capsys.readouterr()
+    assert run_study(tmp_path, "--print_commands", "--learning_rate", "0.02") == 2
+    error = capsys.readouterr().err.strip()
+    assert "was run with --learning_rate 0.01 — pass the trainer flags it was made with " \
+           "(--learning_rate 0.01)" in error
+    # Without trainer flags the study's own are used.
+    assert run_study(tmp_path, "--print_commands") == 0
+    assert "--learning_rate 0.01" in capsys.readouterr().out
+
+
+def test_help_runs_as_a_script():
+    result = subprocess.run([sys.executable, "study.py", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--norm_types", "--batch_sizes", "--seeds", "--jobs", "--print_commands",
+                 "--report", "--precise_bn", "trainer.py flag"):
+        assert flag in result.stdout
