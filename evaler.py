@@ -83,9 +83,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.batch_size <= 0:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.precise_bn < 0:
-        raise UsageError(f"--precise_bn must be 0 (off) or a number of batches, got "
-                         f"{args.precise_bn}")
+    util.check_precise_bn_flag(args.precise_bn)
     prefixes = checkpoints_to_evaluate(args.checkpoint, args.all)
     config = util.read_run_config(prefixes[-1])
     _, data = input_ops.load(config["dataset"], args.data_dir or config["data_dir"])

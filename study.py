@@ -110,9 +110,36 @@ def default_study_dir(trainer_config):
     return os.path.join("studies", name)
 
 
+@dataclasses.dataclass
+class Study:
+    """What study.json records, and where it lives."""
+    study_dir: str
+    trainer_flags: list  # as given; passed to every run
+    trainer_config: dict  # the settings they change from trainer.py's defaults
+    norm_types: list
+    batch_sizes: list
+    seeds: list
+
+    RECORDED = ("trainer_flags", "trainer_config", "norm_types", "batch_sizes", "seeds")
+
+    @property
+    def max_training_step(self):
+        return check_trainer_flags(self.trainer_flags)[1]["max_training_step"]
+
+    def cells(self):
+        return [Cell(norm_type, batch_size, seed, self.study_dir)
+                for norm_type in self.norm_types for batch_size in self.batch_sizes
+                for seed in self.seeds]
+
+    def save(self):
+        util.write_json(os.path.join(self.study_dir, "study.json"),
+                        {name: getattr(self, name) for name in self.RECORDED})
+
+
 def open_study(args):
-    """The study's record (study.json): its trainer flags and the grid, made or extended by
-    `args`. Other trainer flags than those it was made with are refused."""
+    """The study in --study_dir, made or extended by `args`: a new one gets the trainer flags and
+    grid of `args`; an existing one keeps its trainer flags (others are refused) and its grid
+    grows by the norm types, batch sizes and seeds given."""
     trainer_config, _ = check_trainer_flags(args.trainer_flags)
     study_dir = args.study_dir or default_study_dir(trainer_config)
     path = os.path.join(study_dir, "study.json")
@@ -120,7 +147,9 @@ def open_study(args):
         with open(path) as f:
             record = json.load(f)
         if args.trainer_flags and trainer_config != record["trainer_config"]:
-            raise UsageError(differing_flags_error(study_dir, record, trainer_config))
+            made_with = shlex.join(record["trainer_flags"]) or "none"
+            raise UsageError(f"{study_dir} was run with other trainer flags ({made_with}) — "
+                             "pass those, or another --study_dir")
     elif args.report:
         raise UsageError(f"{study_dir} holds no study (no study.json) — run the study first, "
                          "or pass the --study_dir it was run in")
@@ -130,11 +159,9 @@ def open_study(args):
     for axis, default in DEFAULT_GRID.items():
         given = getattr(args, axis) or ([] if record[axis] else default)
         record[axis] = extend_axis(record[axis], given, numeric=axis != "norm_types")
-    check_grid(record)
-    record["study_dir"] = study_dir
-    record["max_training_step"] = check_trainer_flags(record["trainer_flags"])[1][
-        "max_training_step"]
-    return record
+    study = Study(study_dir, **{name: record[name] for name in Study.RECORDED})
+    check_grid(study)
+    return study
 
 
 def extend_axis(values, more, numeric):
@@ -144,30 +171,15 @@ def extend_axis(values, more, numeric):
     return sorted(merged) if numeric else merged
 
 
-def differing_flags_error(study_dir, record, trainer_config):
-    theirs = record["trainer_config"]
-    changed = sorted(name for name in set(theirs) | set(trainer_config)
-                     if theirs.get(name) != trainer_config.get(name))
-    made_with = " ".join(f"--{name} {theirs.get(name)}" for name in changed)
-    return (f"{study_dir} was run with {made_with} — pass the trainer flags it was made with "
-            f"({shlex.join(record['trainer_flags']) or 'none'}), or another --study_dir")
-
-
-def check_grid(record):
+def check_grid(study):
     import ops
 
-    for norm_type in record["norm_types"]:
+    for norm_type in study.norm_types:
         if norm_type not in ops.NORM_TYPES:
             raise UsageError(f"--norm_types: unknown {norm_type!r}; choose from "
                              f"{', '.join(ops.NORM_TYPES)}")
-    if min(record["batch_sizes"]) <= 0:
-        raise UsageError(f"--batch_sizes must be positive, got {min(record['batch_sizes'])}")
-
-
-def save_record(record):
-    stored = {key: value for key, value in record.items()
-              if key not in ("study_dir", "max_training_step")}
-    util.write_json(os.path.join(record["study_dir"], "study.json"), stored)
+    if min(study.batch_sizes) <= 0:
+        raise UsageError(f"--batch_sizes must be positive, got {min(study.batch_sizes)}")
 
 
 # Cells ------------------------------------------------------------------------------------------
@@ -204,22 +216,14 @@ class Cell:
 
     def steps_done(self):
         """The step of the cell's latest checkpoint (0 before its first)."""
-        state = os.path.join(self.run_dir, "checkpoint")
-        if not os.path.exists(state):
-            return 0
-        with open(state) as f:
-            first_line = f.readline()  # model_checkpoint_path: "model-<step>"
-        return int(first_line.strip().rstrip('"').rsplit("-", 1)[1])
+        import tensorflow as tf
+
+        latest = os.path.isdir(self.run_dir) and tf.train.latest_checkpoint(self.run_dir)
+        return util.checkpoint_step(latest) if latest else 0
 
 
-def cells(record):
-    return [Cell(norm_type, batch_size, seed, record["study_dir"])
-            for norm_type in record["norm_types"] for batch_size in record["batch_sizes"]
-            for seed in record["seeds"]]
-
-
-def trainer_command(record, cell):
-    return [sys.executable, os.path.join(REPO, "trainer.py"), *record["trainer_flags"],
+def trainer_command(study, cell):
+    return [sys.executable, os.path.join(REPO, "trainer.py"), *study.trainer_flags,
             "--norm_type", cell.norm_type, "--batch_size", str(cell.batch_size),
             "--seed", str(cell.seed), "--run_dir", cell.run_dir]
 
@@ -233,12 +237,15 @@ def precise_bn_command(cell, num_batches):
 
 def thread_environment(jobs):
     """The environment of each of `jobs` processes at once: TensorFlow's thread pools sized so
-    that together they use the cores once (a user's own settings are kept)."""
+    that together they use the cores once, and GPU memory taken as needed (a user's own
+    settings are kept)."""
     environment = dict(os.environ)
     if jobs > 1:
         threads = str(max(1, (os.cpu_count() or 1) // jobs))
         for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
             environment.setdefault(name, threads)
+        # On a GPU, TensorFlow would otherwise take all its memory for the first process.
+        environment.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     return environment
 
 
@@ -261,20 +268,20 @@ def last_error_line(log_path):
     return lines[-1] if lines else "no output"
 
 
-def train_cells(record, pending, jobs):
+def train_cells(study, pending, jobs):
     """Runs the trainer of every pending cell, `jobs` at a time; one line per finished or failed
     run and a bar over the updates still to make. Returns the failed cells."""
-    total_steps = record["max_training_step"]
+    total_steps = study.max_training_step
     environment = thread_environment(jobs)
     queue, running, failed = list(pending), {}, []
-    bar = tqdm(total=sum(total_steps - min(c.steps_done(), total_steps) for c in pending),
-               unit="update", desc="study", dynamic_ncols=True, disable=None)
     progress = {cell.name: min(cell.steps_done(), total_steps) for cell in pending}
+    bar = tqdm(total=total_steps * len(pending) - sum(progress.values()), unit="update",
+               desc="study", dynamic_ncols=True, disable=None)
     try:
         while queue or running:
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
-                running[cell.name] = (cell, start(trainer_command(record, cell), cell.log_path,
+                running[cell.name] = (cell, start(trainer_command(study, cell), cell.log_path,
                                                   environment), time.time())
             time.sleep(0.5)
             for name, (cell, process, started) in list(running.items()):
@@ -322,10 +329,10 @@ def finished_line(cell, wall_seconds):
             f"{result['step']} ({wall_seconds / 60:.1f} min)")
 
 
-def evaluate_precise_bn(record, num_batches):
+def evaluate_precise_bn(study, num_batches):
     """Writes <run>/precise_bn.json (evaler.py --precise_bn K --json) for every finished BN run
     that lacks it for this K. Returns the cells whose evaluation failed."""
-    todo = [cell for cell in cells(record)
+    todo = [cell for cell in study.cells()
             if cell.norm_type in BATCH_NORMS and cell.finished()
             and precise_bn_batches(cell) != num_batches]
     failed = []
@@ -353,32 +360,30 @@ def main(argv=None):
     args = parse_args(argv)
     if args.jobs <= 0:
         raise UsageError(f"--jobs must be positive, got {args.jobs}")
-    if args.precise_bn < 0:
-        raise UsageError(f"--precise_bn must be 0 (off) or a number of batches, got "
-                         f"{args.precise_bn}")
-    record = open_study(args)
-    save_record(record)
-    pending = [cell for cell in cells(record) if not cell.finished()]
+    util.check_precise_bn_flag(args.precise_bn)
+    study = open_study(args)
+    study.save()
+    pending = [cell for cell in study.cells() if not cell.finished()]
     if args.print_commands:
         for cell in pending:
-            print(shlex.join(trainer_command(record, cell)))
+            print(shlex.join(trainer_command(study, cell)))
         return
     failed = []
     if not args.report:
-        print(f"{record['study_dir']}: {len(cells(record))} runs, {len(pending)} to train "
-              f"({args.jobs} at a time)", file=sys.stderr)
+        say(f"{study.study_dir}: {len(study.cells())} runs, {len(pending)} to train "
+            f"({args.jobs} at a time)")
         try:
-            failed = train_cells(record, pending, args.jobs)
+            failed = train_cells(study, pending, args.jobs)
         except KeyboardInterrupt:
-            print("interrupted: run the same command again to continue", file=sys.stderr)
+            say("interrupted: run the same command again to continue")
             raise SystemExit(130)
     if args.precise_bn:
-        failed += evaluate_precise_bn(record, args.precise_bn)
-    written = study_report.write_report(record, cells(record))
-    print("\n".join(written), file=sys.stderr)
+        failed += evaluate_precise_bn(study, args.precise_bn)
+    written = study_report.write_report(study)
+    say(f"wrote {', '.join(map(os.path.basename, written))} to {study.study_dir}" if written
+        else "no finished run to report yet")
     if failed:
-        print(f"{len(failed)} failed: {', '.join(cell.name for cell in failed)}",
-              file=sys.stderr)
+        say(f"{len(failed)} failed: {', '.join(cell.name for cell in failed)}")
         raise SystemExit(1)
 
 

@@ -20,14 +20,13 @@ CSV_COLUMNS = ("norm_type", "batch_size", "seed", "step", "test_accuracy", "test
                "precise_bn_test_accuracy", "seconds", "images_per_sec", "run_dir")
 
 
-def write_report(record, cells):
+def write_report(study):
     """Writes the four files into the study directory; returns their paths (none without a
     finished run)."""
-    rows = [read_row(cell) for cell in cells if cell.finished()]
+    rows = [read_row(cell) for cell in study.cells() if cell.finished()]
     if not rows:
         return []
-    study_dir = record["study_dir"]
-    paths = [os.path.join(study_dir, name) for name in
+    paths = [os.path.join(study.study_dir, name) for name in
              ("results.csv", "results.md", "accuracy_vs_batch.png", "curves.png")]
     write_text(paths[0], csv_text(rows))
     config = first_config(rows)
@@ -126,8 +125,13 @@ def protocol(config, seeds):
     return (f"{updates}. {config['optimizer']}, learning rate {config['learning_rate']} "
             f"cosine-decayed to 0, dropout {config['dropout']}, augmentation "
             f"{'on' if config['augment'] else 'off'}, GN with {config['groups']} groups. "
-            f"Test error on the full test set; mean ± standard deviation over seeds "
-            f"{', '.join(map(str, seeds))}.")
+            f"Test error on the full test set; {seeds_text(seeds)}.")
+
+
+def seeds_text(seeds):
+    if len(seeds) == 1:
+        return f"one run per cell (seed {seeds[0]})"
+    return f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}"
 
 
 def cell_text(entry):

@@ -364,19 +364,17 @@ def check_can_continue(config, prefix, source_config):
 
 
 def checkpoint_to_continue(config):
-    """The checkpoint prefix this run starts from, or None: --checkpoint, else the latest
-    checkpoint in --run_dir when that directory already holds some."""
-    if config.run_dir is None:
-        return config.checkpoint and util.resolve_checkpoint(config.checkpoint)
-    if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
-        raise UsageError(f"--run_dir {config.run_dir} is a file — pass a directory")
-    latest = os.path.isdir(config.run_dir) and tf.train.latest_checkpoint(config.run_dir)
+    """The checkpoint this run starts from: the latest in --run_dir when that directory holds
+    some (the run continues in place), else --checkpoint's, else None."""
+    latest = None
+    if config.run_dir is not None:
+        if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
+            raise UsageError(f"--run_dir {config.run_dir} is a file — pass a directory")
+        latest = os.path.isdir(config.run_dir) and tf.train.latest_checkpoint(config.run_dir)
     if latest and config.checkpoint:
         raise UsageError(f"--run_dir {config.run_dir} holds checkpoints already — drop "
                          "--checkpoint to continue it, or pass a new --run_dir")
-    if latest:
-        return latest
-    return config.checkpoint and util.resolve_checkpoint(config.checkpoint)
+    return latest or (config.checkpoint and util.resolve_checkpoint(config.checkpoint))
 
 
 def write_result(trainer, loss, accuracy, confusion):

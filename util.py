@@ -21,6 +21,13 @@ def run_cli(main):
         sys.exit(2)
 
 
+def check_precise_bn_flag(num_batches):
+    """evaler.py's and study.py's --precise_bn: a number of batches, or 0 for off."""
+    if num_batches < 0:
+        raise UsageError(f"--precise_bn must be 0 (off) or a number of batches, got "
+                         f"{num_batches}")
+
+
 log = logging.getLogger("gn")
 
 

@@ -1,5 +1,6 @@
 """trainer.py and evaler.py end to end on the bundled sample: run directory, TensorBoard scalars,
 checkpoints that continue the full state, evaluation, and the one-line errors."""
+import contextlib
 import glob
 import json
 import os
@@ -59,6 +60,22 @@ def checkpoint_values(prefix):
     reader = tf.train.load_checkpoint(prefix)
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
             if name.startswith("model/")}
+
+
+@contextlib.contextmanager
+def ctrl_c_after_step(stop_step, monkeypatch):
+    """Within the block, the trainer is interrupted (as by Ctrl-C) once it reaches `stop_step`."""
+    original_step = trainer.Trainer.train_step
+
+    def interrupted(self):
+        result = original_step(self)
+        if self.step == stop_step:
+            raise KeyboardInterrupt
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "train_step", interrupted)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -121,19 +138,8 @@ def test_ctrl_c_saves_and_continuing_equals_training_straight_through(tmp_path, 
     """6 steps in one go == 3 steps, Ctrl-C, then 3 more from the checkpoint: model (with BN
     moving statistics), optimizer, step and input position all come back."""
     straight = train(tmp_path / "straight", "--norm_type", "batch")
-
-    original_step = trainer.Trainer.train_step
-
-    def interrupted_after_step_3(self):
-        result = original_step(self)
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return result
-
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer.Trainer, "train_step", interrupted_after_step_3)
-        with pytest.raises(SystemExit) as exit_info:
-            train(tmp_path / "split", "--norm_type", "batch")
+    with ctrl_c_after_step(3, monkeypatch), pytest.raises(SystemExit) as exit_info:
+        train(tmp_path / "split", "--norm_type", "batch")
     assert exit_info.value.code == 130
     (first,) = glob.glob(str(tmp_path / "split" / "train_dir" / "*"))
     assert tf.train.latest_checkpoint(first).endswith("model-3")
@@ -277,18 +283,8 @@ def test_run_dir_continues_where_it_stopped(tmp_path, monkeypatch):
     straight = train(tmp_path / "straight", "--norm_type", "batch")
     run_dir = str(tmp_path / "run")
     argv = [*TINY, "--norm_type", "batch", "--run_dir", run_dir]
-    original_step = trainer.Trainer.train_step
-
-    def interrupted_after_step_3(self):
-        result = original_step(self)
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return result
-
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer.Trainer, "train_step", interrupted_after_step_3)
-        with pytest.raises(SystemExit):
-            trainer.main(argv)
+    with ctrl_c_after_step(3, monkeypatch), pytest.raises(SystemExit):
+        trainer.main(argv)
     assert not os.path.exists(os.path.join(run_dir, "result.json"))
     trainer.main(argv)
     expected = checkpoint_values(tf.train.latest_checkpoint(straight))
