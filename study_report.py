@@ -29,7 +29,7 @@ def write_report(study):
     paths = [os.path.join(study.study_dir, name) for name in
              ("results.csv", "results.md", "accuracy_vs_batch.png", "curves.png")]
     write_text(paths[0], csv_text(rows))
-    config = first_config(rows)
+    config = rows[0]["config"]  # the same in every run but for the grid's flags
     write_text(paths[1], markdown(rows, config))
     import plots  # matplotlib, only when there is something to draw
 
@@ -53,10 +53,6 @@ def read_row(cell):
             "run_dir": cell.run_dir, "config": result["config"]}
 
 
-def first_config(rows):
-    return rows[0]["config"]
-
-
 def write_text(path, text):
     with util.atomic_path(path) as tmp:
         with open(tmp, "w") as f:
@@ -75,7 +71,7 @@ def csv_text(rows):
 
 def summarize(rows):
     """{line name: {batch size: (mean test error %, standard deviation over seeds, seeds)}}, with
-    a line "<norm> (precise BN)" for BN runs evaluated with precise statistics."""
+    a line "<norm> (precise)" for BN runs evaluated with precise statistics."""
     errors = {}
     for row in rows:
         name = NAMES.get(row["norm_type"], row["norm_type"])
@@ -122,8 +118,10 @@ def protocol(config, seeds):
                    "examples each; a batch is the examples per normalization statistic, and "
                    "the gradients of max_batch_size / batch batches are accumulated per update, "
                    "so every cell sees the same examples per update and in all")
+    # model.py's resnet20 has no dropout layer, whatever --dropout says.
+    dropout = "no dropout" if config["model"] == "resnet20" else f"dropout {config['dropout']}"
     return (f"{updates}. {config['optimizer']}, learning rate {config['learning_rate']} "
-            f"cosine-decayed to 0, dropout {config['dropout']}, augmentation "
+            f"cosine-decayed to 0, {dropout}, augmentation "
             f"{'on' if config['augment'] else 'off'}, GN with {config['groups']} groups. "
             f"Test error on the full test set; {seeds_text(seeds)}.")
 
