@@ -369,16 +369,16 @@ def main(argv=None):
             print(shlex.join(trainer_command(study, cell)))
         return
     failed = []
-    if not args.report:
-        say(f"{study.study_dir}: {len(study.cells())} runs, {len(pending)} to train "
-            f"({args.jobs} at a time)")
-        try:
+    try:
+        if not args.report:
+            say(f"{study.study_dir}: {len(study.cells())} runs, {len(pending)} to train "
+                f"({args.jobs} at a time)")
             failed = train_cells(study, pending, args.jobs)
-        except KeyboardInterrupt:
-            say("interrupted: run the same command again to continue")
-            raise SystemExit(130)
-    if args.precise_bn:
-        failed += evaluate_precise_bn(study, args.precise_bn)
+        if args.precise_bn:
+            failed += evaluate_precise_bn(study, args.precise_bn)
+    except KeyboardInterrupt:
+        say("interrupted: run the same command again to continue")
+        raise SystemExit(130)
     written = study_report.write_report(study)
     say(f"wrote {', '.join(map(os.path.basename, written))} to {study.study_dir}" if written
         else "no finished run to report yet")
