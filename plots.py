@@ -50,8 +50,9 @@ def training_curves(path, curves, config, names):
                                                ("test_accuracy", "test accuracy (one batch)"))):
             axis = axes[row, column]
             for batch_size in batch_sizes:
-                runs = [c[metric] for key, c in curves.items() if key[:2] == (norm_type, batch_size)]
-                steps, values = mean_over_runs(runs)
+                seeds = [run[metric] for key, run in curves.items()
+                         if key[:2] == (norm_type, batch_size)]
+                steps, values = mean_over_runs(seeds)
                 if len(steps):
                     axis.plot(steps, smooth(values), color=colors[batch_size],
                               label=f"batch {batch_size}")
