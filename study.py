@@ -144,8 +144,7 @@ def open_study(args):
     study_dir = args.study_dir or default_study_dir(trainer_config)
     path = os.path.join(study_dir, "study.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            record = json.load(f)
+        record = read_json(path)
         if args.trainer_flags and trainer_config != record["trainer_config"]:
             made_with = shlex.join(record["trainer_flags"]) or "none"
             raise UsageError(f"{study_dir} was run with other trainer flags ({made_with}) — "
@@ -214,12 +213,25 @@ class Cell:
     def finished(self):
         return os.path.exists(self.result_path)
 
+    def result(self):
+        """The run's result.json (the trainer writes it when the run ends)."""
+        return read_json(self.result_path)
+
+    def precise_bn_result(self):
+        """The run's precise_bn.json, or None before its precise-BN evaluation."""
+        return read_json(self.precise_bn_path) if os.path.exists(self.precise_bn_path) else None
+
     def steps_done(self):
         """The step of the cell's latest checkpoint (0 before its first)."""
         import tensorflow as tf
 
         latest = os.path.isdir(self.run_dir) and tf.train.latest_checkpoint(self.run_dir)
         return util.checkpoint_step(latest) if latest else 0
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def trainer_command(study, cell):
@@ -323,8 +335,7 @@ def start(command, log_path, environment):
 
 
 def finished_line(cell, wall_seconds):
-    with open(cell.result_path) as f:
-        result = json.load(f)
+    result = cell.result()
     return (f"{cell.name}: test accuracy {100 * result['accuracy']:.2f}% at step "
             f"{result['step']} ({wall_seconds / 60:.1f} min)")
 
@@ -334,7 +345,7 @@ def evaluate_precise_bn(study, num_batches):
     that lacks it for this K. Returns the cells whose evaluation failed."""
     todo = [cell for cell in study.cells()
             if cell.norm_type in BATCH_NORMS and cell.finished()
-            and precise_bn_batches(cell) != num_batches]
+            and (cell.precise_bn_result() or {}).get("precise_bn") != num_batches]
     failed = []
     for cell in tqdm(todo, desc="precise BN", unit="run", disable=None):
         result = subprocess.run(precise_bn_command(cell, num_batches), capture_output=True,
@@ -347,13 +358,6 @@ def evaluate_precise_bn(study, num_batches):
         report = json.loads(result.stdout)
         util.write_json(cell.precise_bn_path, report)
     return failed
-
-
-def precise_bn_batches(cell):
-    if not os.path.exists(cell.precise_bn_path):
-        return None
-    with open(cell.precise_bn_path) as f:
-        return json.load(f)["precise_bn"]
 
 
 def main(argv=None):

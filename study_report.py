@@ -6,7 +6,6 @@ curves come from its TensorBoard event files, read with TensorBoard's own event 
 """
 import csv
 import io
-import json
 import os
 
 import numpy as np
@@ -40,15 +39,11 @@ def write_report(study):
 
 
 def read_row(cell):
-    with open(cell.result_path) as f:
-        result = json.load(f)
-    precise = None
-    if os.path.exists(cell.precise_bn_path):
-        with open(cell.precise_bn_path) as f:
-            precise = json.load(f)["accuracy"]
+    result, precise = cell.result(), cell.precise_bn_result()
     return {"norm_type": cell.norm_type, "batch_size": cell.batch_size, "seed": cell.seed,
             "step": result["step"], "test_accuracy": result["accuracy"],
-            "test_loss": result["loss"], "precise_bn_test_accuracy": precise,
+            "test_loss": result["loss"],
+            "precise_bn_test_accuracy": precise and precise["accuracy"],
             "seconds": result["seconds"], "images_per_sec": result["images_per_sec"],
             "run_dir": cell.run_dir, "config": result["config"]}
 
