@@ -4,6 +4,7 @@
     python evaler.py --checkpoint train_dir/<run>/model-400    # one checkpoint
     python evaler.py --checkpoint train_dir/<run> --all        # every checkpoint, into TensorBoard
     python evaler.py --checkpoint train_dir/<run> --precise_bn 200   # BN with precise statistics
+    python evaler.py --checkpoint train_dir/<run> --devices 2        # batches split over 2 replicas
 
 The network and dataset are read from the run's config.json, so no training flag is repeated.
 """
@@ -16,6 +17,7 @@ import json
 
 import tensorflow as tf
 
+import distribution
 import input_ops
 import runs
 import util
@@ -39,6 +41,7 @@ def parse_args(argv=None):
                         help="before evaluating, replace BN's moving statistics by population "
                              "statistics over K training batches of the run's --batch_size "
                              "(the checkpoint is not changed; no effect without BN layers)")
+    distribution.add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -81,6 +84,7 @@ def write_summaries(run_dir, results):
 
 def main(argv=None):
     args = parse_args(argv)
+    strategy = distribution.make_strategy(args.strategy, args.devices)
     if args.batch_size <= 0:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     util.check_precise_bn_flag(args.precise_bn)
@@ -90,10 +94,11 @@ def main(argv=None):
     dataset = input_ops.eval_dataset(data, args.batch_size)
     results = []
     for prefix in prefixes:
-        model = runs.restore_model(prefix, config, data)
+        model = runs.restore_model(prefix, config, data, strategy)
         precise = args.precise_bn and runs.precise_batch_norm(model, config, data,
                                                                 args.precise_bn)
-        results.append(runs.report(prefix, *runs.evaluate(model, dataset, data.num_classes),
+        results.append(runs.report(prefix,
+                                   *runs.evaluate(model, dataset, data.num_classes, strategy),
                                    data.class_names))
         results[-1]["precise_bn"] = args.precise_bn if precise else 0
         if not args.json:

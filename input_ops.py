@@ -34,14 +34,17 @@ def load(name, data_dir):
     return spec, hdf5_format.read_dataset(path, spec)
 
 
-def train_dataset(data, batch_size, seed, augment):
+def train_dataset(data, batch_size, seed, augment, share=None):
     """Endless shuffled train batches. `augment` adds a random horizontal flip and a random crop:
     after 4 px padding for images in memory, a random-resized crop for streamed files (which
-    otherwise get the evaluation crop)."""
+    otherwise get the evaluation crop). `share` (a distribution.InputShare) keeps only this
+    worker's batches when several workers train together; each worker reads and decodes its
+    own examples only."""
     if isinstance(data, image_tree.ImageTree):
         return _streamed_batches(data.train_files, data.train_labels, data.image_size,
-                                 batch_size, seed, augment)
-    return _shuffled_batches(data.train_images, data.train_labels, batch_size, seed, augment)
+                                 batch_size, seed, augment, share)
+    return _shuffled_batches(data.train_images, data.train_labels, batch_size, seed, augment,
+                             share)
 
 
 def test_sample_dataset(data, batch_size, seed):
@@ -66,19 +69,30 @@ def eval_dataset(data, batch_size):
 
 # Images in memory -------------------------------------------------------------------------------
 
-def _shuffled_batches(images, labels, batch_size, seed, augment):
+def _shuffled_batches(images, labels, batch_size, seed, augment, share=None):
     """Shuffles indices rather than images, so the shuffle buffer (saved in checkpoints) stays small."""
     num_examples = len(labels)
     indices = (tf.data.Dataset.range(num_examples)
                .shuffle(num_examples, seed=seed, reshuffle_each_iteration=True)
                .repeat()
                .batch(batch_size, drop_remainder=True))
-    batches = indices.map(_gatherer(images, labels), num_parallel_calls=AUTOTUNE,
-                          deterministic=True)
+    batches = _worker_share(indices, share).map(_gatherer(images, labels),
+                                                num_parallel_calls=AUTOTUNE, deterministic=True)
     if augment:
-        batches = tf.data.Dataset.zip(batches, _seeds(seed)).map(
+        batches = tf.data.Dataset.zip(batches, _worker_share(_seeds(seed), share)).map(
             _augment, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _float_batches(batches)
+
+
+def _worker_share(stream, share, elements_per_batch=1):
+    """This worker's part of `stream` (`elements_per_batch` elements per batch): of the
+    `share.replicas` consecutive batches of every pass, its `share.local_replicas` ones. Index and
+    seed streams are shared out alike, so an example keeps its augmentation draw whatever the
+    number of workers. One worker: `stream` itself, so its checkpoints keep their layout."""
+    if share is None or share.workers == 1:
+        return stream
+    group = elements_per_batch * share.local_replicas
+    return stream.batch(group).shard(share.workers, share.worker_index).unbatch()
 
 
 def _gatherer(images, labels):
@@ -121,17 +135,19 @@ def _to_float(images, labels):
 
 # Images streamed from files ---------------------------------------------------------------------
 
-def _streamed_batches(files, labels, image_size, batch_size, seed, augment):
+def _streamed_batches(files, labels, image_size, batch_size, seed, augment, share=None):
     """Reads and crops one file per example, in parallel but in a fixed order.
 
     Symbolic checkpointing makes a checkpoint hold the positions of the index and seed streams,
     not the decoded images waiting in the pipeline's buffers (38 MB per float batch of 64 at
     224 px); restoring decodes those again.
     """
-    examples = _permuted_indices(len(labels), seed).map(_gatherer(files, labels))
+    indices = _worker_share(_permuted_indices(len(labels), seed), share, batch_size)
+    examples = indices.map(_gatherer(files, labels))
     if augment:
         random_crop = functools.partial(_random_crop, image_size=image_size)
-        examples = tf.data.Dataset.zip(examples, _seeds(seed)).map(
+        seeds = _worker_share(_seeds(seed), share, batch_size)
+        examples = tf.data.Dataset.zip(examples, seeds).map(
             random_crop, num_parallel_calls=AUTOTUNE, deterministic=True)
     else:
         examples = _central_crops(examples, image_size)

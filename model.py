@@ -24,6 +24,8 @@ def build_model(name, input_shape, num_classes, norm_type, groups=32, weight_std
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     inputs = keras.Input(shape=input_shape, name="images")
     logits = builders[name](inputs, num_classes, norm_type, groups, weight_std, dropout)
+    if logits.dtype != "float32":  # a mixed-precision policy: the softmax and loss in float32
+        logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
     return keras.Model(inputs, logits, name=name)
 
 

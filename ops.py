@@ -79,10 +79,11 @@ class GroupNorm(keras.layers.Layer):
                 f"GroupNorm: C={channels} channels are not divisible by G={self.groups} groups; "
                 f"choose a number of groups that divides {channels}"
             )
+        # autocast=False: read in float32 also where a mixed policy computes in float16.
         self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones",
-                                     trainable=True) if self.scale else None
+                                     trainable=True, autocast=False) if self.scale else None
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
-                                    trainable=True) if self.center else None
+                                    trainable=True, autocast=False) if self.center else None
         self._compiled_kernels = tuple(_compiled(kernel) for kernel in _KERNELS)
 
     def call(self, inputs):
@@ -220,10 +221,15 @@ def _compiled(kernel):
 CPP_KERNEL_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
 
 
+def gpu_visible():
+    """Whether TensorFlow places ops on a GPU by default here."""
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
 def cpp_kernels_usable():
     """True when the C++ kernels are built, not switched off (GN_CPP_KERNELS=0, to compare them
     with the TensorFlow-op kernels) and no GPU would have to hand its tensors to them."""
-    return (not _switched_off("GN_CPP_KERNELS") and not tf.config.list_logical_devices("GPU")
+    return (not _switched_off("GN_CPP_KERNELS") and not gpu_visible()
             and kernels.group_norm_library() is not None)
 
 
@@ -275,7 +281,8 @@ class Conv2D(keras.layers.Conv2D):
     no larger than the kernel, and on maps of at most 8x8 positions with 128 channels or more,
     this layer gathers the kernel-sized patches (one gather over the flattened map) and multiplies
     them by the kernel instead: the same numbers, forward and backward 2-40x faster there
-    (`_patches_matmul` says how the backward product is chosen).
+    (`_patches_matmul` says how the backward product is chosen). These were measured on a CPU;
+    where a GPU is visible the layer keeps TensorFlow's convolution (cuDNN).
     """
 
     def __init__(self, filters, kernel_size, strides=1, weight_std=False, ws_epsilon=1e-5,
@@ -290,7 +297,7 @@ class Conv2D(keras.layers.Conv2D):
         if self.weight_std:
             mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
             kernel = (kernel - mean) * tf.math.rsqrt(variance + self.ws_epsilon)
-        if fast_ops_enabled() and self._small_map(inputs):
+        if fast_ops_enabled() and not gpu_visible() and self._small_map(inputs):
             return self._patches_times_kernel(inputs, kernel)
         return super().convolution_op(inputs, kernel)
 

@@ -15,11 +15,13 @@ import util
 from util import UsageError
 
 
-def restore_model(prefix, config, data):
-    """The network of a run's `config` (its config.json) with the weights of checkpoint `prefix`."""
-    model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
-                                  config["norm_type"], config["groups"], config["weight_std"],
-                                  config["dropout"])
+def restore_model(prefix, config, data, strategy=None):
+    """The network of a run's `config` (its config.json) with the weights of checkpoint `prefix`,
+    its variables mirrored on the replicas of `strategy` (default: one device)."""
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
+                                      config["norm_type"], config["groups"],
+                                      config["weight_std"], config["dropout"])
     try:
         tf.train.Checkpoint(model=model).restore(prefix).expect_partial() \
             .assert_existing_objects_matched()
@@ -29,14 +31,24 @@ def restore_model(prefix, config, data):
     return model
 
 
-def evaluate(model, dataset, num_classes):
+def evaluate(model, dataset, num_classes, strategy=None):
     """Mean cross-entropy, top-1 accuracy and confusion matrix [true, predicted] of `model` over
-    every example of `dataset`, in inference mode."""
+    every example of `dataset`, in inference mode. Under a `strategy` of several replicas each
+    batch is split among them and their results gathered."""
+    strategy = strategy or tf.distribute.get_strategy()
     total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
+
     # One graph for all batches: run eagerly, the layers' Python costs more than their compute.
-    infer = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    for images, labels in tqdm(dataset, desc="evaluating", leave=False, disable=None):
-        logits = infer(images)
+    @tf.function(reduce_retracing=True)
+    def infer(images, labels):
+        logits, labels = strategy.run(lambda x, y: (model(x, training=False), y),
+                                      args=(images, labels))
+        return strategy.gather(logits, axis=0), strategy.gather(labels, axis=0)
+
+    batches = strategy.experimental_distribute_dataset(dataset)
+    for images, labels in tqdm(batches, total=len(dataset), desc="evaluating", leave=False,
+                               disable=None):
+        logits, labels = infer(images, labels)
         total_loss += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels, logits)))
         np.add.at(confusion, (labels.numpy(), np.argmax(logits, axis=-1)), 1)

@@ -4,25 +4,30 @@
     python trainer.py --norm_type batch --batch_size 2    # BN at batch 2
     python trainer.py --checkpoint train_dir/<run>        # continue a run into a new directory
     python trainer.py --run_dir runs/a                    # train in runs/a; run it again to continue
+    python trainer.py --devices 2 --norm_type sync_batch  # 2 replicas on 2 logical CPU devices
 
-Each step is one optimizer update over `max_batch_size` examples: the gradients of
-max_batch_size / batch_size batches are accumulated (Keras's `gradient_accumulation_steps`), so a
-small batch changes the normalization statistics but not the number of examples per update, the
-learning rate or the number of examples seen (the 2018 repo's adjustment; turn it off with
---no_adjust_learning_rate). The loop is written out rather than `model.fit` so a checkpoint can
-hold the input pipeline's position next to the model, optimizer and step.
+Each step is one optimizer update over `max_batch_size` examples. `batch_size` is the examples
+per replica (per BN statistic); one forward pass over all replicas sees batch_size x replicas of
+them, and the gradients of max_batch_size / (batch_size x replicas) passes are summed before the
+update, so a small batch changes the normalization statistics but not the number of examples per
+update, the learning rate or the number of examples seen (the 2018 repo's adjustment; turn it off
+with --no_adjust_learning_rate). The loop is written out rather than `model.fit` so a checkpoint
+can hold the input pipeline's position next to the model, optimizer and step.
 """
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up notices quiet
 
 import argparse
+import shutil
+import tempfile
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+import distribution
 import input_ops
 import model as model_lib
 import ops
@@ -34,8 +39,10 @@ from util import UsageError, log
 # Flags that define the network: a checkpoint only continues with the same values.
 MODEL_FLAGS = ("model", "norm_type", "groups", "weight_std")
 # Flags that define the random streams (input, dropout): their saved positions are used only when
-# these are unchanged.
+# these (and the number of workers) are unchanged.
 DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
+# Exit status after SIGTERM, as a shell reports a process it ended: 128 + 15.
+TERMINATED_STATUS = 143
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
 
 
@@ -67,12 +74,13 @@ def build_parser(**options):
                      help="dropout rate of the conv and resnet models (default: %(default)s)")
     learn = parser.add_argument_group("learning")
     learn.add_argument("--batch_size", type=int, default=64,
-                       help="examples per batch, i.e. per BN statistic (default: %(default)s)")
+                       help="examples per replica, i.e. per BN statistic (default: %(default)s)")
     learn.add_argument("--max_batch_size", type=int, default=64,
-                       help="examples per update: the gradients of max_batch_size / batch_size "
-                            "batches are accumulated (default: %(default)s)")
+                       help="examples per update: the gradients of max_batch_size / (batch_size "
+                            "x replicas) passes are accumulated (default: %(default)s)")
     learn.add_argument("--no_adjust_learning_rate", action="store_true",
-                       help="one update per batch of batch_size instead, no accumulation")
+                       help="one update per pass (batch_size x replicas examples) instead, "
+                            "no accumulation")
     learn.add_argument("--optimizer", choices=sorted(DEFAULT_LEARNING_RATE), default="adam",
                        help="adam, or SGD with momentum 0.9 (default: %(default)s)")
     learn.add_argument("--learning_rate", type=float, default=None,
@@ -83,6 +91,14 @@ def build_parser(**options):
     learn.add_argument("--seed", type=int, default=0,
                        help="seed of initialization, shuffling, augmentation and dropout "
                             "(default: %(default)s)")
+    devices = distribution.add_flags(parser)
+    devices.add_argument("--precision", choices=distribution.PRECISIONS, default="float32",
+                         help="Keras dtype policy: mixed_* compute in bfloat16 / float16 with "
+                              "float32 variables, statistics and logits; mixed_float16 scales "
+                              "the loss (default: %(default)s)")
+    devices.add_argument("--jit_compile", action="store_true",
+                         help="compile each replica's forward and backward pass with XLA (for "
+                              "GPUs: on a CPU it ran slower than the plain graph)")
     logs = parser.add_argument_group("logging and checkpoints")
     logs.add_argument("--prefix", default="default",
                       help="first part of the run directory name (default: %(default)s)")
@@ -128,11 +144,26 @@ def check_flags(config, data):
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
 
 
-def accumulation_steps(config):
-    """Batches per update: max_batch_size / batch_size unless adjustment is off."""
-    if config.no_adjust_learning_rate:
+def check_setup(config, strategy):
+    """One-line errors for flags that cannot work on these replicas."""
+    if config.jit_compile and config.norm_type == "sync_batch" and \
+            strategy.num_replicas_in_sync > 1:
+        raise UsageError("--jit_compile cannot compile sync_batch's all-reduce of the "
+                         "statistics within a replica's pass — drop --jit_compile, or use "
+                         "--norm_type batch or group")
+
+
+def passes_per_update(config, replicas):
+    """Forward passes over all replicas per update: max_batch_size / (batch_size x replicas),
+    or 1 when adjustment is off or one pass holds max_batch_size examples already."""
+    per_pass = config.batch_size * replicas
+    if config.no_adjust_learning_rate or per_pass >= config.max_batch_size:
         return 1
-    return max(1, config.max_batch_size // config.batch_size)
+    if config.max_batch_size % per_pass:
+        raise UsageError(f"--max_batch_size {config.max_batch_size} is not a multiple of the "
+                         f"{per_pass} examples of one pass ({replicas} replica(s) x --batch_size "
+                         f"{config.batch_size}) — pass a --max_batch_size that is")
+    return config.max_batch_size // per_pass
 
 
 def build_model(config, data):
@@ -146,34 +177,19 @@ def build_model(config, data):
         raise UsageError(f"{error}, and pass it as --groups") from None
 
 
-class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
-    """Evaluates `schedule` at the number of updates. With gradient accumulation Keras calls a
-    schedule with the number of batches, which would decay the rate `accumulate` times too fast."""
-
-    def __init__(self, schedule, accumulate):
-        self.schedule = schedule
-        self.accumulate = accumulate
-
-    def __call__(self, batches):
-        return self.schedule(batches // self.accumulate)
-
-    def get_config(self):
-        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
-                "accumulate": self.accumulate}
-
-
 def build_optimizer(config):
     """Adam or SGD with momentum 0.9, gradients clipped to global norm 20 as in the 2018 repo, and
-    the learning rate cosine-decayed to 0 over max_training_step updates."""
-    accumulate = accumulation_steps(config)
-    schedule = PerUpdate(keras.optimizers.schedules.CosineDecay(config.learning_rate,
-                                                                config.max_training_step),
-                         accumulate)
-    options = dict(global_clipnorm=20.0,
-                   gradient_accumulation_steps=accumulate if accumulate > 1 else None)
+    the learning rate cosine-decayed to 0 over max_training_step updates; with mixed_float16,
+    wrapped in Keras's dynamic loss scaling."""
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                      config.max_training_step)
     if config.optimizer == "momentum":
-        return keras.optimizers.SGD(schedule, momentum=0.9, **options)
-    return keras.optimizers.Adam(schedule, **options)
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, global_clipnorm=20.0)
+    else:
+        optimizer = keras.optimizers.Adam(schedule, global_clipnorm=20.0)
+    if config.precision == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def dropout_seeds(model):
@@ -184,21 +200,31 @@ def dropout_seeds(model):
 
 
 class Trainer:
-    """Holds the model, optimizer, input streams, checkpoint and summary writers of one run."""
+    """Holds the model, optimizer, input streams, checkpoint and summary writers of one run.
 
-    def __init__(self, config, data, run_dir):
+    Under a tf.distribute strategy the model and optimizer are mirrored on every replica. Each
+    worker reads its share of every pass from one tf.data iterator of per-replica batches and
+    hands them to its replicas; that iterator is checkpointed (tf.distribute's own distributed
+    iterators cannot be), so continuing is exact on any number of devices."""
+
+    def __init__(self, config, data, run_dir, strategy=None):
         self.config = config
         self.data = data
         self.run_dir = run_dir
-        self.accumulate = accumulation_steps(config)
-        strategy = tf.distribute.get_strategy()
-        with strategy.scope():
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.share = distribution.input_share(self.strategy)
+        self.chief = distribution.is_chief(self.strategy)
+        self.examples_per_pass = config.batch_size * self.share.replicas
+        self.passes = passes_per_update(config, self.share.replicas)
+        with self.strategy.scope():
             self.model = build_model(config, data)
             self.optimizer = build_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.forward_backward = (tf.function(self.loss_and_gradients, jit_compile=True)
+                                 if config.jit_compile else self.loss_and_gradients)
         self.train_iterator = iter(input_ops.train_dataset(data, config.batch_size, config.seed,
-                                                           config.augment))
+                                                           config.augment, self.share))
         eval_batch = max(config.batch_size, config.max_batch_size)
         self.test_iterator = iter(input_ops.test_sample_dataset(data, eval_batch, config.seed))
         self.eval_data = input_ops.eval_dataset(data, eval_batch)
@@ -214,15 +240,28 @@ class Trainer:
 
     def open_run_dir(self):
         """Creates the run directory with config.json, the checkpoint manager and the summary
-        writers; a result.json from an earlier end of the run no longer holds and is removed."""
-        util.write_json(os.path.join(self.run_dir, "config.json"), vars(self.config))
-        stale_result = os.path.join(self.run_dir, "result.json")
-        if os.path.exists(stale_result):
-            os.remove(stale_result)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir, max_to_keep=None,
+        writers; a result.json from an earlier end of the run no longer holds and is removed.
+        Only the chief writes the run directory: the other workers of a cluster save their
+        checkpoints (every worker takes part in saving) to a temporary directory and write no
+        summaries."""
+        if not self.chief:
+            directory = tempfile.mkdtemp(prefix="gn-worker-checkpoints-")
+            self.writers = {split: tf.summary.create_noop_writer() for split in ("train", "test")}
+        else:
+            directory = self.run_dir
+            util.write_json(os.path.join(self.run_dir, "config.json"), vars(self.config))
+            stale_result = os.path.join(self.run_dir, "result.json")
+            if os.path.exists(stale_result):
+                os.remove(stale_result)
+            self.writers = {split: tf.summary.create_file_writer(os.path.join(directory, split))
+                            for split in ("train", "test")}
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=None,
                                                   checkpoint_name="model")
-        self.writers = {split: tf.summary.create_file_writer(os.path.join(self.run_dir, split))
-                        for split in ("train", "test")}
+
+    def close_run_dir(self):
+        """Removes a non-chief worker's temporary checkpoints."""
+        if not self.chief:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
 
     @property
     def step(self):
@@ -235,8 +274,10 @@ class Trainer:
 
     def restore(self, prefix, source_config):
         """Continues from `prefix`; the random streams (input position, dropout seeds) are
-        restored only when the data flags are the same as in the run that wrote it."""
-        same_data = all(source_config.get(f) == getattr(self.config, f) for f in DATA_FLAGS)
+        restored only when the data flags and the number of workers are the same as in the run
+        that wrote it."""
+        same_data = (all(source_config.get(f) == getattr(self.config, f) for f in DATA_FLAGS)
+                     and source_config.get("workers", 1) == self.share.workers)
         state = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                     **({"streams": self.streams} if same_data else {}))
         try:
@@ -253,21 +294,57 @@ class Trainer:
 
     @tf.function
     def train_step(self):
-        """One update: `accumulate` batches, each a forward/backward pass whose gradients the
-        optimizer accumulates. Returns the mean loss and accuracy over those batches."""
-        total_loss, total_correct, total_count = 0.0, 0.0, 0.0
-        for _ in tf.range(self.accumulate):
-            images, labels = next(self.train_iterator)
-            with tf.GradientTape() as tape:
-                logits = self.model(images, training=True)
-                loss = self.loss_fn(labels, logits)
-            gradients = tape.gradient(loss, self.model.trainable_variables)
-            self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        """One update: `passes` forward/backward passes over all replicas, whose gradients are
+        summed over the replicas and the passes, then applied once. Returns the mean loss and
+        accuracy over the update's examples."""
+        variables = self.model.trainable_variables
+        gradients = [tf.zeros(v.shape, v.dtype) for v in variables]
+        total_loss, total_correct = 0.0, 0.0
+        for _ in tf.range(self.passes):
+            summed = self.strategy.run(self.replica_pass, args=(self.next_pass(),))
+            # The same on every replica: keep the first's, a tensor the loop can carry.
+            loss, correct, pass_gradients = tf.nest.map_structure(
+                lambda value: self.strategy.experimental_local_results(value)[0], summed)
+            gradients = [g + p for g, p in zip(gradients, pass_gradients)]
             total_loss += loss
-            total_correct += tf.reduce_sum(tf.cast(tf.equal(
-                tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32))
-            total_count += tf.cast(tf.shape(labels)[0], tf.float32)
-        return total_loss / tf.cast(self.accumulate, tf.float32), total_correct / total_count
+            total_correct += correct
+        if self.passes > 1:
+            gradients = [g / self.passes for g in gradients]
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return total_loss / self.passes, total_correct / (self.passes * self.examples_per_pass)
+
+    def next_pass(self):
+        """The next pass's per-replica batches: this worker's replicas take the next
+        `local_replicas` batches of the input stream, in order."""
+        local = self.share.local_replicas
+        batches = [next(self.train_iterator) for _ in range(local)]
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda context: batches[context.replica_id_in_sync_group % local])
+
+    def replica_pass(self, batch):
+        """One replica's forward and backward pass over its batch, then the sums over all
+        replicas (one all-reduce) of: its share of the pass's mean loss, the number of examples
+        it classified right, and the gradients of that share."""
+        return tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, self.forward_backward(*batch))
+
+    def loss_and_gradients(self, images, labels):
+        """A replica's share of the pass's mean loss, its number of right answers and the
+        gradients of that share (of the loss scaled for mixed_float16, which the optimizer
+        unscales)."""
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = tf.cast(self.model(images, training=True), tf.float32)
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                                       from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example,
+                                              global_batch_size=self.examples_per_pass)
+            scaled_loss = self.optimizer.scale_loss(loss)  # the loss itself unless mixed_float16
+        gradients = tape.gradient(scaled_loss, variables,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        correct = tf.reduce_sum(tf.cast(tf.equal(
+            tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32))
+        return loss, correct, gradients
 
     @tf.function
     def test_step(self):
@@ -278,9 +355,10 @@ class Trainer:
         return self.loss_fn(labels, logits), accuracy
 
     def train(self):
-        """Trains to max_training_step; saves every ckpt_save_step, at the end and on Ctrl-C."""
+        """Trains to max_training_step; saves every ckpt_save_step, at the end, on Ctrl-C and on
+        SIGTERM."""
         config = self.config
-        examples_per_step = self.accumulate * config.batch_size
+        examples_per_step = self.passes * self.examples_per_pass
         self.started = time.time()
         self.write_input_images()
         window = []  # (loss, accuracy, seconds) since the last log line
@@ -305,16 +383,17 @@ class Trainer:
                              test_loss, 100 * test_accuracy)
                 if step % config.ckpt_save_step == 0:
                     self.save()
-        except KeyboardInterrupt:
-            log.info("interrupted at step %d", self.step)
+        except KeyboardInterrupt as interrupt:
+            how = "terminated" if isinstance(interrupt, util.Terminated) else "interrupted"
+            log.info("%s at step %d", how, self.step)
             self.save()
             raise
         self.save()
 
     def log_window(self, step, window, examples_per_step):
         loss, accuracy, seconds = np.mean(window, axis=0)
-        log.info("[train step %5d] loss %.4f accuracy %.2f%% (%.3f sec/batch, %.1f images/sec)",
-                 step, loss, 100 * accuracy, seconds / self.accumulate,
+        log.info("[train step %5d] loss %.4f accuracy %.2f%% (%.3f sec/pass, %.1f images/sec)",
+                 step, loss, 100 * accuracy, seconds / self.passes,
                  examples_per_step / seconds)
 
     def write_scalars(self, split, step, **scalars):
@@ -334,33 +413,36 @@ class Trainer:
             self.clock.assign(self.seconds)
             self.started = time.time()
             path = self.manager.save(checkpoint_number=self.step)
-            log.info("saved checkpoint %s", path)
+            if self.chief:
+                log.info("saved checkpoint %s", path)
         for writer in self.writers.values():
             writer.flush()
 
     def checkpoint_path(self, step):
-        return os.path.join(self.run_dir, f"model-{step}")
+        return os.path.join(self.manager.directory, f"model-{step}")
 
 
 def check_can_continue(config, prefix, source_config):
-    """A checkpoint continues only with the same network and the same number of accumulated
-    batches per update (Keras counts optimizer iterations in batches and keeps one gradient
-    accumulator per weight when accumulating)."""
+    """A checkpoint continues only with the same network and optimizer state: the same model
+    flags, loss scaling on or off as before (mixed_float16 wraps the optimizer), and not from a
+    run whose optimizer counted accumulated batches as steps. The batch size, the number of
+    replicas and the accumulation may change: the optimizer state does not depend on them."""
+    source_config = {"precision": "float32", **source_config}  # runs from before --precision
     changed = [f for f in MODEL_FLAGS if source_config.get(f) != getattr(config, f)]
+    if (source_config["precision"] == "mixed_float16") != (config.precision == "mixed_float16"):
+        changed.append("precision")
     if changed:
         theirs = " ".join(f"--{f} {source_config.get(f)}" for f in changed)
         ours = " ".join(f"--{f} {getattr(config, f)}" for f in changed)
         raise UsageError(f"checkpoint {prefix} was trained with {theirs}, not {ours} — pass the "
                          "flags it was trained with")
-    their_accumulation, our_accumulation = (source_config.get("accumulation_steps"),
-                                            accumulation_steps(config))
-    if their_accumulation != our_accumulation:
-        flags = (f"--batch_size {source_config.get('batch_size')} --max_batch_size "
-                 f"{source_config.get('max_batch_size')}")
-        if source_config.get("no_adjust_learning_rate"):
-            flags += " --no_adjust_learning_rate"
-        raise UsageError(f"checkpoint {prefix} accumulated {their_accumulation} batch(es) per "
-                         f"update, these flags {our_accumulation} — continue with {flags}")
+    # config.json gained "replicas" when the trainer began to accumulate gradients itself;
+    # before, Keras's accumulation counted every accumulated batch as an optimizer iteration.
+    if "replicas" not in source_config and source_config.get("accumulation_steps", 1) > 1:
+        raise UsageError(f"checkpoint {prefix} comes from a trainer that counted each of its "
+                         f"{source_config['accumulation_steps']} accumulated batches as a step "
+                         "and cannot be continued — evaluate it with evaler.py, or start a new "
+                         "run")
 
 
 def checkpoint_to_continue(config):
@@ -384,9 +466,8 @@ def write_result(trainer, loss, accuracy, confusion):
     result = runs.report(trainer.manager.latest_checkpoint, loss, accuracy, confusion,
                          trainer.data.class_names)
     seconds = trainer.seconds
-    result.update(seconds=round(seconds, 3),
-                  images_per_sec=round(trainer.step * trainer.accumulate * config.batch_size
-                                       / seconds, 2),
+    examples = trainer.step * trainer.passes * trainer.examples_per_pass
+    result.update(seconds=round(seconds, 3), images_per_sec=round(examples / seconds, 2),
                   config=vars(config))
     util.write_json(os.path.join(trainer.run_dir, "result.json"), result)
 
@@ -394,6 +475,9 @@ def write_result(trainer, loss, accuracy, confusion):
 def main(argv=None):
     config = parse_args(argv)
     util.setup_logging()
+    strategy = distribution.make_strategy(config.strategy, config.devices)
+    distribution.set_precision(config.precision)
+    check_setup(config, strategy)
     spec, data = input_ops.load(config.dataset, config.data_dir)
     check_flags(config, data)
     image_size = data.image_shape[0]
@@ -407,24 +491,58 @@ def main(argv=None):
 
     keras.utils.set_random_seed(config.seed)
     run_dir = config.run_dir or util.new_run_dir(config)
-    trainer = Trainer(config, data, run_dir)
+    trainer = Trainer(config, data, run_dir, strategy)
     if source:
         trainer.restore(*source)
-    config.accumulation_steps = trainer.accumulate
-    config.parameters = trainer.model.count_params()
+        warn_if_statistics_change(config, trainer, source[1])
+    record_setup(config, trainer)
     trainer.open_run_dir()
-    log.info("run directory %s", run_dir)
-    log.info("%s on %s (%d train, %d test), %s norm, %d parameters, batch %d x %d per update",
-             config.model, config.dataset, data.num_train, data.num_test,
-             config.norm_type, config.parameters, config.batch_size, trainer.accumulate)
+    log.info("run directory %s%s", run_dir, "" if trainer.chief else " (written by the chief)")
+    log.info("%s on %s (%d train, %d test), %s norm, %d parameters", config.model,
+             config.dataset, data.num_train, data.num_test, config.norm_type, config.parameters)
+    log.info("%s; %s", distribution.describe(strategy), batch_semantics(trainer))
     try:
-        trainer.train()
+        with util.sigterm_as_interrupt():
+            trainer.train()
+    except util.Terminated:
+        raise SystemExit(TERMINATED_STATUS)
     except KeyboardInterrupt:
         raise SystemExit(130)
+    finally:
+        trainer.close_run_dir()
     loss, accuracy, confusion = runs.evaluate(trainer.model, trainer.eval_data, data.num_classes)
-    write_result(trainer, loss, accuracy, confusion)
+    if trainer.chief:
+        write_result(trainer, loss, accuracy, confusion)
     log.info("done: step %d, test loss %.4f, test accuracy %.2f%% (%d examples)", trainer.step,
              loss, 100 * accuracy, data.num_test)
+
+
+def batch_semantics(trainer):
+    """E.g. '2 replicas x 4 examples, 2 passes per update = 16 examples per update'."""
+    replicas, passes = trainer.share.replicas, trainer.passes
+    return (f"{replicas} replica{'s' if replicas > 1 else ''} x {trainer.config.batch_size} "
+            f"examples, {passes} pass{'es' if passes > 1 else ''} per update = "
+            f"{passes * trainer.examples_per_pass} examples per update")
+
+
+def record_setup(config, trainer):
+    """What config.json records beyond the flags: how the run was laid out and its size."""
+    config.replicas = trainer.share.replicas
+    config.workers = trainer.share.workers
+    config.strategy_class = distribution.strategy_name(trainer.strategy)
+    config.accumulation_steps = trainer.passes
+    config.parameters = trainer.model.count_params()
+
+
+def warn_if_statistics_change(config, trainer, source_config):
+    """sync_batch normalizes over batch_size x replicas examples: continuing on another number of
+    replicas changes what its statistics (and moving averages) see. The other norm types see
+    batch_size examples per statistic whatever the replicas, and GN none of the batch."""
+    before = source_config.get("batch_size", 0) * source_config.get("replicas", 1)
+    now = config.batch_size * trainer.share.replicas
+    if config.norm_type == "sync_batch" and before != now:
+        log.warning("sync_batch statistics were over %d examples in the checkpoint's run and "
+                    "are over %d now", before, now)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -19,6 +20,23 @@ def run_cli(main):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job), raised where the program is, as Ctrl-C raises
+    KeyboardInterrupt, so the same handlers save before exiting."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated."""
+    def handler(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_precise_bn_flag(num_batches):

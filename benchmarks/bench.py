@@ -15,6 +15,10 @@ Sections:
   input    the tf.data pipeline from an HDF5 file: images/s, and the fraction of a training step
            spent waiting for input
   convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
+  scale    trainer.py's own update of 32 examples on the sample, conv and resnet20 with GN and
+           BN: 2 logical devices x 16 over 1 x 32, mixed_bfloat16 over float32, --jit_compile
+           over the plain graph (the process splits its CPU into 2 logical devices first; the
+           other sections run on the first, as without the split)
 
 Every candidate of a comparison is timed in the same process, interleaved in several rounds:
 times are the median round, ratios the median over rounds of the two candidates' times in a
@@ -36,12 +40,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import distribution  # noqa: E402
 import input_ops  # noqa: E402
 import model as model_lib  # noqa: E402
 import ops  # noqa: E402
+import trainer  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
 
-SECTIONS = ("norm", "step", "input", "convert")
+SECTIONS = ("norm", "step", "input", "convert", "scale")
 NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
 GROUPS = 32
 MODELS = {"conv": (32, 3, 32), "resnet20": (32, 3, 8), "resnet": (64, 3, 32)}  # size, C, GN G
@@ -301,6 +307,56 @@ def bench_convert():
         return {"seconds": time.perf_counter() - start, "images": 70_000}
 
 
+# Devices, precision, XLA -----------------------------------------------------------------------
+
+# name: (trainer flags, whether it runs on the 2-device strategy); "1 device" is the reference.
+SCALE_SETUPS = {"1 device": (["--batch_size", "32"], False),
+                "2 devices": (["--batch_size", "16"], True),
+                "mixed_bfloat16": (["--batch_size", "32", "--precision", "mixed_bfloat16"], False),
+                "jit_compile": (["--batch_size", "32", "--jit_compile"], False)}
+
+
+def scale_step(model_name, norm_type, flags, strategy):
+    """trainer.Trainer's train_step (input, passes, all-reduce, update) on the sample."""
+    config = trainer.parse_args(["--model", model_name, "--norm_type", norm_type, "--groups", "8",
+                                 "--max_batch_size", "32", *flags])
+    config.augment = False
+    _, data = input_ops.load("sample", "./datasets")
+    distribution.set_precision(config.precision)
+    try:
+        run = trainer.Trainer(config, data, None, strategy)
+    finally:
+        distribution.set_precision("float32")
+    return lambda: run.train_step()  # which holds the trainer (a traced method does not)
+
+
+def bench_scale(two_devices, rounds, seconds):
+    tf.get_logger().setLevel("ERROR")  # not a warning for each trainer's own trace of train_step
+    rows = []
+    for model_name in ("conv", "resnet20"):
+        for norm_type in ("batch", "group"):
+            release_previous()
+            candidates = {name: scale_step(model_name, norm_type, flags,
+                                           two_devices if on_two else None)
+                          for name, (flags, on_two) in SCALE_SETUPS.items()}
+            times = time_rounds(candidates, rounds, seconds)
+            row = {"model": model_name, "norm": norm_type,
+                   "step_ms": 1000 * median(times)["1 device"]}
+            row.update({name: ratio(times, [name], ["1 device"])
+                        for name in SCALE_SETUPS if name != "1 device"})
+            rows.append(row)
+    return rows
+
+
+def print_scale(rows):
+    print("trainer.py's update of 32 examples: time over 1 device x 32 in float32, plain graph")
+    others = [name for name in SCALE_SETUPS if name != "1 device"]
+    print(f"  {'model':10}{'norm':>7}{'ms/step':>10}" + "".join(f"{n:>16}" for n in others))
+    for row in rows:
+        print(f"  {row['model']:10}{row['norm']:>7}{row['step_ms']:>10.1f}"
+              + "".join(f"{row[n]:>15.2f}x" for n in others))
+
+
 # Report -----------------------------------------------------------------------------------------
 
 def target_values(results):
@@ -357,15 +413,20 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rounds, seconds = (3, 0.1) if args.quick else (10, 0.2)
+    # Logical devices must be made before TensorFlow first touches the CPU.
+    two_devices = ("scale" in args.sections
+                   and distribution.make_strategy("mirrored", devices=2))
     runners = {
         "norm": lambda: bench_norm(rounds, seconds),
         "step": lambda: bench_step(args.models, rounds, seconds),
         "input": lambda: bench_input(20 if args.quick else 100, rounds, seconds),
         "convert": bench_convert,
+        "scale": lambda: bench_scale(two_devices, rounds, seconds),
     }
     printers = {"norm": print_norm, "step": print_step, "input": print_input,
                 "convert": lambda r: print(f"HDF5 conversion of {r['images']:,} 28x28 images: "
-                                           f"{r['seconds']:.2f} s")}
+                                           f"{r['seconds']:.2f} s"),
+                "scale": print_scale}
     results = {"fast_ops": ops.fast_ops_enabled(), "group_norm_kernels": group_norm_kernels()}
     if not args.json:
         print(f"GroupNorm kernels: {results['group_norm_kernels']}")

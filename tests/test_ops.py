@@ -663,6 +663,23 @@ def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
         assert layer(x).shape == x.shape and conv(x).shape == (2, 2, 2, 8)
 
 
+def test_conv2d_keeps_tensorflows_convolution_where_a_gpu_is_visible(monkeypatch):
+    """The patches path was tuned on a CPU; on a GPU cuDNN's convolution is the likely faster one."""
+    patches = []
+    original = ops.Conv2D._patches_times_kernel
+    monkeypatch.setattr(ops.Conv2D, "_patches_times_kernel",
+                        lambda self, *args: patches.append(1) or original(self, *args))
+    conv, x = ops.Conv2D(8, 4, strides=2), tf.random.normal([2, 4, 4, 8])
+    expected = conv(x)
+    assert patches == [1]
+    logical = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: (
+        [tf.config.LogicalDevice("/device:GPU:0", "GPU")] if kind == "GPU" else logical(kind)))
+    np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
+    assert patches == [1]
+    assert not ops.cpp_kernels_usable()
+
+
 def _second_order_gradient(layer, x):
     """d/dx of sum((d/dx sum(y^3))^2): needs the gradient of GN's backward pass."""
     with tf.GradientTape() as outer:

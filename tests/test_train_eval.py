@@ -57,9 +57,12 @@ def read_events(directory):
 
 
 def checkpoint_values(prefix):
+    """The model's variables and the optimizer's state in a checkpoint. The trainable weights are
+    stored under the optimizer's path (optimizer/_trainable_variables/<i>), the moving statistics
+    of BN under the model's."""
     reader = tf.train.load_checkpoint(prefix)
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name.startswith("model/")}
+            if name.startswith(("model/", "optimizer/"))}
 
 
 @contextlib.contextmanager
@@ -244,12 +247,28 @@ def test_own_dataset_trains_by_name(layout, tmp_path, capsys):
     assert np.array(result["confusion_matrix"]).sum() == (10 if layout == "splits" else 4)
 
 
-def test_checkpoint_with_other_accumulation_is_refused(batch_norm_run, tmp_path, capsys):
-    argv = [*TINY, "--checkpoint", batch_norm_run, "--norm_type", "batch", "--max_batch_size",
-            "64", "--train_dir", str(tmp_path)]
-    error = cli_error(trainer.main, argv, capsys)
-    assert "accumulated 2 batch(es) per update, these flags 4" in error
-    assert "continue with --batch_size 16 --max_batch_size 32" in error
+def test_checkpoint_continues_with_other_accumulation(batch_norm_run, tmp_path):
+    """The optimizer state does not depend on how an update's examples are split into passes."""
+    run_dir = train(tmp_path, "--checkpoint", batch_norm_run, "--norm_type", "batch",
+                    "--batch_size", "8", "--max_training_step", "8")
+    with open(os.path.join(run_dir, "result.json")) as f:
+        result = json.load(f)
+    assert result["step"] == 8 and result["config"]["accumulation_steps"] == 4
+
+
+def test_checkpoint_of_a_run_that_counted_batches_as_steps_is_refused(batch_norm_run, tmp_path,
+                                                                      capsys):
+    """Runs from before config.json had "replicas" let Keras accumulate, which counted every
+    accumulated batch as an optimizer step."""
+    old_run = str(tmp_path / "old_run")
+    shutil.copytree(batch_norm_run, old_run)
+    with open(os.path.join(old_run, "config.json")) as f:
+        config = json.load(f)
+    del config["replicas"]
+    util.write_json(os.path.join(old_run, "config.json"), config)
+    error = cli_error(trainer.main, [*TINY, "--checkpoint", old_run, "--norm_type", "batch",
+                                     "--train_dir", str(tmp_path)], capsys)
+    assert "counted each of its 2 accumulated batches as a step and cannot be continued" in error
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):

@@ -1,0 +1,267 @@
+"""Several replicas and workers on one CPU: logical devices (--devices) under MirroredStrategy,
+MultiWorkerMirroredStrategy over two local processes, SIGTERM, mixed precision, and the errors.
+
+A process holds one MirroredStrategy at most (a second one's collectives fail), so every
+multi-replica run is a `trainer.py` process of its own; the one-replica references run in this
+process."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import distribution
+import evaler
+import trainer
+from test_train_eval import REPO, checkpoint_values, cli_error
+
+# 3 updates of 8 examples on the sample, no dropout or augmentation: the runs below differ only
+# in how the 8 examples of an update are spread over replicas.
+SMALL = ["--model", "conv", "--groups", "8", "--dropout", "0", "--no-augment",
+         "--max_batch_size", "8", "--max_training_step", "3", "--log_step", "1",
+         "--test_sample_step", "100", "--write_summary_step", "100"]
+
+
+def start_trainer(run_dir, *flags, env=None, log_path=None):
+    """A trainer.py process training in `run_dir`, its output in `log_path` (<run_dir>.log)."""
+    log_path = log_path or f"{run_dir}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "trainer.py", *SMALL, "--run_dir", str(run_dir), *flags], cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    process.log_path = log_path
+    return process
+
+
+def finish(process, timeout=300):
+    """Waits for a trainer process; returns its output, which a failure shows."""
+    status = process.wait(timeout)
+    with open(process.log_path) as f:
+        output = f.read()
+    assert status == 0, output[-3000:]
+    return output
+
+
+def final_weights(run_dir):
+    return checkpoint_values(tf.train.latest_checkpoint(str(run_dir)))
+
+
+def assert_same_weights(got, expected, **tolerance):
+    assert got.keys() == expected.keys() and len(got) > 20
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], err_msg=name, **tolerance)
+
+
+@pytest.fixture(scope="module")
+def one_replica(tmp_path_factory):
+    """{norm_type: run directory} of 1 replica x 8 examples, trained in this process."""
+    root = tmp_path_factory.mktemp("one_replica")
+    runs = {}
+    for norm_type in ("group", "batch"):
+        runs[norm_type] = root / norm_type
+        trainer.main([*SMALL, "--norm_type", norm_type, "--batch_size", "8",
+                      "--run_dir", str(runs[norm_type])])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory):
+    """{norm_type: run directory} of 2 logical devices x 4 examples, checkpoints at every step."""
+    root = tmp_path_factory.mktemp("two_replicas")
+    runs = {norm: root / norm for norm in ("group", "sync_batch", "batch")}
+    processes = [start_trainer(run_dir, "--devices", "2", "--strategy", "mirrored",
+                               "--norm_type", norm, "--batch_size", "4", "--ckpt_save_step", "1")
+                 for norm, run_dir in runs.items()]
+    for process in processes:
+        finish(process)
+    return runs
+
+
+def test_group_norm_updates_do_not_depend_on_the_replicas(one_replica, two_replicas):
+    assert_same_weights(final_weights(two_replicas["group"]), final_weights(one_replica["group"]),
+                        rtol=1e-4, atol=1e-5)
+
+
+def test_sync_batch_over_two_replicas_is_batch_norm_over_their_examples(one_replica,
+                                                                       two_replicas):
+    assert_same_weights(final_weights(two_replicas["sync_batch"]),
+                        final_weights(one_replica["batch"]), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_statistics_stay_per_replica(one_replica, two_replicas):
+    got, expected = final_weights(two_replicas["batch"]), final_weights(one_replica["batch"])
+    largest = max(np.abs(got[name] - expected[name]).max() for name in expected)
+    assert largest > 1e-3
+
+
+def test_config_records_the_replicas_and_the_log_states_the_batches(two_replicas):
+    with open(two_replicas["group"] / "config.json") as f:
+        config = json.load(f)
+    assert (config["replicas"], config["workers"], config["strategy_class"]) == \
+        (2, 1, "MirroredStrategy")
+    log = open(f"{two_replicas['group']}.log").read()
+    assert "2 replicas x 4 examples, 1 pass per update = 8 examples per update" in log
+
+
+def test_continuing_on_two_devices_is_exact(two_replicas, tmp_path):
+    resumed = tmp_path / "resumed"
+    finish(start_trainer(resumed, "--devices", "2", "--norm_type", "sync_batch",
+                         "--batch_size", "4", "--checkpoint",
+                         str(two_replicas["sync_batch"] / "model-1")))
+    got, expected = final_weights(resumed), final_weights(two_replicas["sync_batch"])
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_evaler_restores_a_mirrored_checkpoint_on_one_device(two_replicas, capsys):
+    evaler.main(["--checkpoint", str(two_replicas["sync_batch"]), "--json"])
+    evaluated = json.loads(capsys.readouterr().out)
+    with open(two_replicas["sync_batch"] / "result.json") as f:
+        result = json.load(f)
+    assert evaluated["step"] == 3
+    assert evaluated["accuracy"] == result["accuracy"]
+
+
+def test_evaler_splits_batches_over_two_devices(two_replicas):
+    """Batches of 99 (the last of 10) split unevenly over 2 replicas; the gathered results are
+    those of one device."""
+    output = subprocess.run(
+        [sys.executable, "evaler.py", "--checkpoint", str(two_replicas["sync_batch"]),
+         "--devices", "2", "--batch_size", "99", "--json"], cwd=REPO, capture_output=True,
+        text=True, timeout=300)
+    assert output.returncode == 0, output.stderr[-3000:]
+    evaluated = json.loads(output.stdout)
+    with open(two_replicas["sync_batch"] / "result.json") as f:
+        result = json.load(f)
+    assert np.sum(evaluated["confusion_matrix"]) == 1000
+    assert evaluated["confusion_matrix"] == result["confusion_matrix"]
+    assert evaluated["loss"] == pytest.approx(result["loss"], rel=1e-5)
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_train_as_one_replica_of_their_batch(one_replica, tmp_path):
+    """Two processes of MultiWorkerMirroredStrategy, each with 4 examples of every update: GN
+    ends where one replica with all 8 does; only the chief writes the run directory."""
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    run_dir, scratch = tmp_path / "run", tmp_path / "tmp"
+    scratch.mkdir()
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(start_trainer(
+            run_dir, "--strategy", "multi_worker", "--norm_type", "group", "--batch_size", "4",
+            env={"TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)},
+            log_path=tmp_path / f"worker{index}.log"))
+    outputs = [finish(process) for process in processes]
+    assert_same_weights(final_weights(run_dir), final_weights(one_replica["group"]),
+                        rtol=1e-4, atol=1e-5)
+    chief_done, worker_done = (output[output.index("done:"):].splitlines()[0]
+                               for output in outputs)
+    assert chief_done == worker_done  # the same weights give the same test loss and accuracy
+    assert "(written by the chief)" in outputs[1]
+    assert os.listdir(scratch) == []  # the other worker removed its temporary checkpoints
+    assert os.path.exists(run_dir / "result.json")
+
+
+def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
+    """A preempted trainer (SIGTERM) saves a checkpoint of the step it reached and exits 143;
+    the same command continues from there."""
+    run_dir = tmp_path / "run"
+    flags = ["--norm_type", "group", "--batch_size", "8", "--max_training_step", "1000"]
+    process = start_trainer(run_dir, *flags)
+    deadline = time.time() + 300
+    while "[train step" not in open(process.log_path).read():
+        assert process.poll() is None and time.time() < deadline, open(process.log_path).read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(120) == trainer.TERMINATED_STATUS
+    output = open(process.log_path).read()
+    step = int(output.split("terminated at step ")[1].split()[0])
+    assert step >= 1 and tf.train.latest_checkpoint(str(run_dir)).endswith(f"model-{step}")
+    output = finish(start_trainer(run_dir, *flags[:-1], str(step + 2)))
+    assert f"continuing from {run_dir}/model-{step} at step {step}" in output
+    assert f"done: step {step + 2}" in output
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_learns_with_float32_variables(precision, tmp_path):
+    try:
+        trainer.main(["--precision", precision, "--model", "conv", "--groups", "8",
+                      "--batch_size", "32", "--max_batch_size", "32", "--max_training_step",
+                      "30", "--log_step", "10", "--run_dir", str(tmp_path / "run")])
+        assert keras.mixed_precision.global_policy().compute_dtype == precision.split("_")[1]
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    with open(tmp_path / "run" / "result.json") as f:
+        result = json.load(f)
+    assert np.isfinite(result["loss"]) and result["accuracy"] > 0.5
+    weights = final_weights(tmp_path / "run")
+    model_variables = [value for name, value in weights.items()
+                       if name.startswith(("model/", "optimizer/_trainable_variables/"))]
+    assert len(model_variables) > 20
+    assert {value.dtype for value in model_variables} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--strategy", "multi_worker"], {}, "--strategy multi_worker needs TF_CONFIG"),
+    (["--strategy", "multi_worker"], {"TF_CONFIG": "{\"cluster\": 1}"}, "TF_CONFIG must be JSON"),
+    (["--devices", "0"], {}, "--devices must be at least 1, got 0"),
+    (["--devices", "2", "--strategy", "default"], {}, "pass --strategy mirrored (or auto)"),
+    (["--batch_size", "3", "--max_batch_size", "8"], {},
+     "--max_batch_size 8 is not a multiple of the 3 examples of one pass"),
+])
+def test_setups_that_cannot_work_are_one_line_errors(argv, env, message, monkeypatch, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if "TF_CONFIG" not in env:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert message in cli_error(trainer.main, argv, capsys)
+
+
+def test_devices_are_refused_where_there_are_gpus(monkeypatch, capsys):
+    physical = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: (
+        [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")] if kind == "GPU"
+        else physical(kind)))
+    error = cli_error(trainer.main, ["--devices", "2"], capsys)
+    assert "this machine has 1 GPU(s) — drop --devices" in error
+
+
+def test_jit_compile_trains_like_the_plain_graph():
+    """--jit_compile: each replica's pass compiled by XLA (GN on its TensorFlow-op kernels) gives
+    the plain graph's losses to float32 rounding."""
+    _, data = trainer.input_ops.load("sample", "./datasets")
+    losses = {}
+    for jit_compile in (False, True):
+        config = trainer.parse_args([*SMALL, "--batch_size", "4"]
+                                    + (["--jit_compile"] if jit_compile else []))
+        config.augment = False
+        keras.utils.set_random_seed(0)
+        run = trainer.Trainer(config, data, run_dir=None)
+        losses[jit_compile] = [float(run.train_step()[0]) for _ in range(3)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_jit_compile_cannot_hold_sync_batch_norm_over_replicas():
+    result = subprocess.run([sys.executable, "trainer.py", "--devices", "2", "--jit_compile",
+                             "--norm_type", "sync_batch"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --jit_compile cannot compile sync_batch's all-reduce")
