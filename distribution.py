@@ -42,12 +42,8 @@ def make_strategy(name, devices=1):
     """The tf.distribute strategy of `--strategy name --devices devices`."""
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
-    if name == "multi_worker" and not os.environ.get("TF_CONFIG"):
-        raise UsageError("--strategy multi_worker needs TF_CONFIG (the cluster and this "
-                         "worker's task) in the environment — set it, or use --strategy mirrored "
-                         "on one machine")
     if name == "multi_worker":
-        _check_tf_config(os.environ["TF_CONFIG"])
+        _check_tf_config(os.environ.get("TF_CONFIG"))
     gpus = tf.config.list_physical_devices("GPU")
     if devices > 1:
         if gpus:
@@ -68,6 +64,10 @@ def make_strategy(name, devices=1):
 
 
 def _check_tf_config(text):
+    if not text:
+        raise UsageError("--strategy multi_worker needs TF_CONFIG (the cluster and this "
+                         "worker's task) in the environment — set it, or use --strategy mirrored "
+                         "on one machine")
     try:
         tf_config = json.loads(text)
         tf_config["cluster"], tf_config["task"]["type"], tf_config["task"]["index"]

@@ -103,7 +103,7 @@ def main(argv=None):
         results[-1]["precise_bn"] = args.precise_bn if precise else 0
         if not args.json:
             print_report(results[-1])
-    if args.all:
+    if args.all and distribution.is_chief(strategy):  # one writer in a multi-worker cluster
         write_summaries(os.path.dirname(prefixes[-1]), results)
     if args.json:
         print(json.dumps(results[-1] if len(results) == 1 and not args.all
