@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up notices quiet
 
 import argparse
+import math
 import shutil
 import tempfile
 import time
@@ -143,6 +144,9 @@ def check_flags(config, data):
             raise UsageError(f"--{flag} must be positive, got {getattr(config, flag)}")
     if not 0 <= config.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise UsageError(f"--learning_rate must be a positive number, got "
+                         f"{config.learning_rate}")
 
 
 def check_setup(config, strategy):
@@ -312,7 +316,8 @@ class Trainer:
         if self.passes > 1:
             gradients = [g / self.passes for g in gradients]
         self.optimizer.apply_gradients(zip(gradients, variables))
-        return total_loss / self.passes, total_correct / (self.passes * self.examples_per_pass)
+        return (total_loss / self.passes, total_correct / (self.passes * self.examples_per_pass),
+                tf.linalg.global_norm(gradients))
 
     def next_pass(self):
         """The next pass's per-replica batches: this worker's replicas take the next
@@ -367,9 +372,10 @@ class Trainer:
             while self.step < config.max_training_step:
                 learning_rate = float(self.optimizer.learning_rate)  # the rate of this update
                 start = time.time()
-                loss, accuracy = (float(v) for v in self.train_step())
+                loss, accuracy, gradient_norm = (float(v) for v in self.train_step())
                 window.append((loss, accuracy, time.time() - start))
                 step = self.step
+                self.check_finite(step, loss, gradient_norm)
                 if step % config.write_summary_step == 0:
                     self.write_scalars("train", step, loss=loss, accuracy=accuracy,
                                        learning_rate=learning_rate,
@@ -391,6 +397,23 @@ class Trainer:
             raise
         self.save()
 
+    def check_finite(self, step, loss, gradient_norm):
+        """Stops a diverging run at the update whose loss or gradient norm is not finite. Under
+        mixed_float16 an infinite gradient is the loss scaler's business (it skips that update)."""
+        if self.config.precision == "mixed_float16":
+            gradient_norm = 0.0
+        if not (math.isfinite(loss) and math.isfinite(gradient_norm)):
+            raise Diverged(f"training diverged at step {step} (loss {loss}, gradient norm "
+                           f"{gradient_norm}) — {self.last_good_checkpoint()}")
+
+    def last_good_checkpoint(self):
+        """Where a diverged run can go back to, for its error line."""
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            return "no checkpoint was saved; lower --learning_rate and start again"
+        return (f"the last checkpoint, {latest}, holds finite weights; lower --learning_rate "
+                "and continue from it with --checkpoint")
+
     def log_window(self, step, window, examples_per_step):
         loss, accuracy, seconds = np.mean(window, axis=0)
         log.info("[train step %5d] loss %.4f accuracy %.2f%% (%.3f sec/pass, %.1f images/sec)",
@@ -410,7 +433,12 @@ class Trainer:
             tf.summary.image("input_images", images, max_outputs=4)
 
     def save(self):
+        """Saves the current state, unless a checkpoint of this step exists; never non-finite
+        weights (an update can overflow them while its loss and gradients were finite)."""
         if self.manager.latest_checkpoint != self.checkpoint_path(self.step):
+            if not all(np.isfinite(v.numpy()).all() for v in self.model.weights):
+                raise Diverged(f"the weights are not finite at step {self.step} — "
+                               f"{self.last_good_checkpoint()}")
             self.clock.assign(self.seconds)
             self.started = time.time()
             path = self.manager.save(checkpoint_number=self.step)
@@ -421,6 +449,11 @@ class Trainer:
 
     def checkpoint_path(self, step):
         return os.path.join(self.manager.directory, f"model-{step}")
+
+
+class Diverged(UsageError):
+    """A non-finite loss, gradient or weight: a one-line error like a bad flag, since the usual
+    remedy is a lower --learning_rate."""
 
 
 def check_can_continue(config, prefix, source_config):
