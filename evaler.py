@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 import argparse
 import json
+import sys
 
 import tensorflow as tf
 
@@ -46,12 +47,20 @@ def parse_args(argv=None):
 
 
 def checkpoints_to_evaluate(path, every):
-    """The checkpoint prefixes named by --checkpoint (and --all), oldest first."""
+    """The checkpoint prefixes named by --checkpoint (and --all, which reports the unreadable
+    ones on stderr and leaves them out), oldest first."""
     latest = util.resolve_checkpoint(path)
     if not every:
         return [latest]
-    state = tf.train.get_checkpoint_state(os.path.dirname(latest))
-    return list(state.all_model_checkpoint_paths)
+    readable = []
+    for prefix in util.run_checkpoints(os.path.dirname(latest)):
+        problem = util.unreadable(prefix)
+        if problem:
+            print(f"warning: not evaluating {prefix}, which cannot be read ({problem})",
+                  file=sys.stderr)
+        else:
+            readable.append(prefix)
+    return readable
 
 
 def print_report(result):

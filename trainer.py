@@ -241,6 +241,7 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               streams=self.streams, train_seconds=self.clock)
         self.manager = self.writers = None  # made by open_run_dir, once the state is final
+        self.saved_step = None  # the step of the checkpoint this process saved or restored last
         self.started = None  # time.time() when this process began training
 
     def open_run_dir(self):
@@ -295,6 +296,7 @@ class Trainer:
         tf.train.Checkpoint(train_seconds=self.clock).restore(prefix).expect_partial()
         if not same_data:
             log.info("data flags differ from the checkpoint's run: the input stream restarts")
+        self.saved_step = self.step
         log.info("continuing from %s at step %d", prefix, self.step)
 
     @tf.function
@@ -433,22 +435,22 @@ class Trainer:
             tf.summary.image("input_images", images, max_outputs=4)
 
     def save(self):
-        """Saves the current state, unless a checkpoint of this step exists; never non-finite
-        weights (an update can overflow them while its loss and gradients were finite)."""
-        if self.manager.latest_checkpoint != self.checkpoint_path(self.step):
+        """Saves the current state, unless this run directory holds it already (this process
+        saved or restored this step; a newer checkpoint skipped as unreadable is overwritten);
+        never non-finite weights (an update can overflow them while its loss and gradients were
+        finite)."""
+        if self.saved_step != self.step or self.manager.latest_checkpoint is None:
             if not all(np.isfinite(v.numpy()).all() for v in self.model.weights):
                 raise Diverged(f"the weights are not finite at step {self.step} — "
                                f"{self.last_good_checkpoint()}")
             self.clock.assign(self.seconds)
             self.started = time.time()
             path = self.manager.save(checkpoint_number=self.step)
+            self.saved_step = self.step
             if self.chief:
                 log.info("saved checkpoint %s", path)
         for writer in self.writers.values():
             writer.flush()
-
-    def checkpoint_path(self, step):
-        return os.path.join(self.manager.directory, f"model-{step}")
 
 
 class Diverged(UsageError):
@@ -480,13 +482,14 @@ def check_can_continue(config, prefix, source_config):
 
 
 def checkpoint_to_continue(config):
-    """The checkpoint this run starts from: the latest in --run_dir when that directory holds
-    some (the run continues in place), else --checkpoint's, else None."""
+    """The checkpoint this run starts from: the newest readable one in --run_dir when that
+    directory holds some (the run continues in place), else --checkpoint's, else None."""
     latest = None
     if config.run_dir is not None:
         if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
             raise UsageError(f"--run_dir {config.run_dir} is a file — pass a directory")
-        latest = os.path.isdir(config.run_dir) and tf.train.latest_checkpoint(config.run_dir)
+        if os.path.isdir(config.run_dir) and util.run_checkpoints(config.run_dir):
+            latest = util.newest_readable_checkpoint(config.run_dir)
     if latest and config.checkpoint:
         raise UsageError(f"--run_dir {config.run_dir} holds checkpoints already — drop "
                          "--checkpoint to continue it, or pass a new --run_dir")

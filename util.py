@@ -102,19 +102,57 @@ def new_run_dir(config):
 
 
 def resolve_checkpoint(path):
-    """The checkpoint prefix for `path`, a checkpoint prefix or a run directory (its latest)."""
-    import tensorflow as tf
-
+    """The checkpoint prefix for `path`: a checkpoint prefix, which must be readable, or a run
+    directory, whose newest readable checkpoint is taken (with a warning naming any newer one
+    that cannot be read)."""
     if os.path.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest is None:
-            raise UsageError(f"no checkpoint in {path} — pass a run directory that holds "
-                             "model-<step>.index files, or a checkpoint prefix")
-        return latest
+        return newest_readable_checkpoint(path)
     if os.path.exists(path + ".index"):
+        problem = unreadable(path)
+        if problem:
+            raise UsageError(f"checkpoint {path} cannot be read ({problem}) — pass another "
+                             "checkpoint of the run, or its run directory")
         return path
     raise UsageError(f"checkpoint {path} does not exist — pass a run directory under train_dir/ "
                      "or a checkpoint prefix such as train_dir/<run>/model-1000")
+
+
+def run_checkpoints(run_dir):
+    """The checkpoint prefixes of a run directory, oldest first."""
+    import tensorflow as tf
+
+    state = tf.train.get_checkpoint_state(run_dir)
+    return list(state.all_model_checkpoint_paths) if state else []
+
+
+def newest_readable_checkpoint(run_dir):
+    prefixes = run_checkpoints(run_dir)
+    if not prefixes:
+        raise UsageError(f"no checkpoint in {run_dir} — pass a run directory that holds "
+                         "model-<step>.index files, or a checkpoint prefix")
+    for prefix in reversed(prefixes):
+        problem = unreadable(prefix)
+        if not problem:
+            return prefix
+        log.warning("warning: skipping checkpoint %s, which cannot be read (%s)", prefix, problem)
+    raise UsageError(f"none of the {len(prefixes)} checkpoints in {run_dir} can be read — "
+                     "start a new run")
+
+
+def unreadable(prefix):
+    """Why checkpoint `prefix` cannot be read (the first line of the error), or None. A truncated
+    or damaged data file shows only when its values are read, so every value is read (the input
+    pipeline's state, a variant, cannot be read outside a restore and is skipped)."""
+    import tensorflow as tf
+
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name, dtype in reader.get_variable_to_dtype_map().items():
+            if dtype != tf.variant:
+                reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError) as error:
+        return str(error).strip().splitlines()[0]
+    return None
 
 
 def checkpoint_step(prefix):
