@@ -316,12 +316,11 @@ SCALE_SETUPS = {"1 device": (["--batch_size", "32"], False),
                 "jit_compile": (["--batch_size", "32", "--jit_compile"], False)}
 
 
-def scale_step(model_name, norm_type, flags, strategy):
-    """trainer.Trainer's train_step (input, passes, all-reduce, update) on the sample."""
+def scale_step(model_name, norm_type, flags, strategy, data):
+    """trainer.Trainer's train_step (input, passes, all-reduce, update) on `data`."""
     config = trainer.parse_args(["--model", model_name, "--norm_type", norm_type, "--groups", "8",
                                  "--max_batch_size", "32", *flags])
     config.augment = False
-    _, data = input_ops.load("sample", "./datasets")
     distribution.set_precision(config.precision)
     try:
         run = trainer.Trainer(config, data, None, strategy)
@@ -332,12 +331,13 @@ def scale_step(model_name, norm_type, flags, strategy):
 
 def bench_scale(two_devices, rounds, seconds):
     tf.get_logger().setLevel("ERROR")  # not a warning for each trainer's own trace of train_step
+    _, data = input_ops.load("sample", "./datasets")
     rows = []
     for model_name in ("conv", "resnet20"):
         for norm_type in ("batch", "group"):
             release_previous()
             candidates = {name: scale_step(model_name, norm_type, flags,
-                                           two_devices if on_two else None)
+                                           two_devices if on_two else None, data)
                           for name, (flags, on_two) in SCALE_SETUPS.items()}
             times = time_rounds(candidates, rounds, seconds)
             row = {"model": model_name, "norm": norm_type,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import distribution
 import evaler
+import ops
 import trainer
 from test_train_eval import REPO, checkpoint_values, cli_error
 
@@ -243,10 +243,13 @@ def test_devices_are_refused_where_there_are_gpus(monkeypatch, capsys):
     assert "this machine has 1 GPU(s) — drop --devices" in error
 
 
-def test_jit_compile_trains_like_the_plain_graph():
+def test_jit_compile_trains_like_the_plain_graph(monkeypatch):
     """--jit_compile: each replica's pass compiled by XLA (GN on its TensorFlow-op kernels) gives
     the plain graph's losses to float32 rounding."""
     _, data = trainer.input_ops.load("sample", "./datasets")
+    in_xla = []
+    original = ops._in_xla_function
+    monkeypatch.setattr(ops, "_in_xla_function", lambda: in_xla.append(original()) or in_xla[-1])
     losses = {}
     for jit_compile in (False, True):
         config = trainer.parse_args([*SMALL, "--batch_size", "4"]
@@ -255,6 +258,7 @@ def test_jit_compile_trains_like_the_plain_graph():
         keras.utils.set_random_seed(0)
         run = trainer.Trainer(config, data, run_dir=None)
         losses[jit_compile] = [float(run.train_step()[0]) for _ in range(3)]
+        assert any(in_xla) == jit_compile  # GN saw an XLA-compiled function only with the flag
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
 
 
