@@ -28,7 +28,7 @@ DOWNLOADABLE = (*CONVERTERS, "ImageNet")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = util.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--dataset", "--datasets", dest="datasets", nargs="+", metavar="NAME",
@@ -95,6 +95,7 @@ def prepare(spec, args):
         log.info("%s: %s is up to date (same raw files and options); skipping — pass --force to "
                  "convert again", spec.name, out)
         return
+    util.check_writable_directory(args.data_dir, "--data_dir")
     start = time.time()
     paths, provenance = fetch.obtain(files, spec.mirrors, os.path.join(folder, "raw"),
                                      args.source, verify=not args.no_verify)
@@ -117,6 +118,7 @@ def prepare_imagenet(spec, args):
     if not root:
         raise UsageError("ImageNet is not downloaded: pass --imagenet_dir DIR, an ILSVRC-2012 "
                          "folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
+    util.check_writable_directory(args.data_dir, "--data_dir")
     image_tree.write_tree_file(os.path.join(registry.data_folder(spec, args.data_dir),
                                             spec.data_file), root)
 
@@ -124,6 +126,7 @@ def prepare_imagenet(spec, args):
 def convert_folder(args):
     if registry.find(args.name):
         raise UsageError(f"--name {args.name} is a registered dataset; choose another name")
+    util.check_writable_directory(args.data_dir, "--data_dir")
     out = os.path.join(args.data_dir, args.name, registry.DATA_FILE)
     splits, class_names = converters.convert_folder(args.from_folder)
     write(out, splits, class_names, {"source_folder": os.path.abspath(args.from_folder)})

@@ -8,25 +8,26 @@
 
 The network and dataset are read from the run's config.json, so no training flag is repeated.
 """
-import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up notices quiet
+import util
+
+util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
 
 import argparse
 import json
-import sys
+import os
 
 import tensorflow as tf
 
 import distribution
 import input_ops
 import runs
-import util
 from util import UsageError
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = util.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="a run directory (its latest checkpoint) or a checkpoint prefix")
@@ -43,6 +44,7 @@ def parse_args(argv=None):
                              "statistics over K training batches of the run's --batch_size "
                              "(the checkpoint is not changed; no effect without BN layers)")
     distribution.add_flags(parser)
+    util.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """Classifier builders, made only of ops.py layers.
 
-Every builder ends in global average pooling, so one network serves 28, 32 and 64 px inputs, and
-returns logits. `build_model` picks one by its `--model` name.
+The residual nets end in global average pooling; the `conv` net flattens its last map, as the 2018
+net did. Every builder serves 28, 32 and 64 px inputs and returns logits. `build_model` picks one by its `--model` name.
 """
 import keras
 
@@ -31,17 +31,22 @@ def build_model(name, input_shape, num_classes, norm_type, groups=32, weight_std
 
 def conv_net(x, num_classes, norm_type, groups, weight_std, dropout):
     """The 2018 small-image net: four 4x4 stride-2 convs (64-512 channels), each followed by
-    leaky ReLU(0.2), the norm and dropout; then fully connected 512, 128, 32, n without norm."""
+    leaky ReLU(0.2), the norm and dropout; then the last map flattened and fully connected 512,
+    128, 32, n without norm.
+
+    Flattening, not global average pooling, is what lets instance norm and BN at batch 1 learn
+    here: both normalize each channel of one example over its positions, so the positions' mean
+    is exactly beta and a pooled map would carry nothing about the image."""
     for i, filters in enumerate((64, 128, 256, 512)):
         x = ops.conv2d(x, filters, kernel_size=4, strides=2, weight_std=weight_std, use_bias=True,
                        name=f"conv{i}")
-        x = keras.layers.LeakyReLU(0.2, name=f"conv{i}_act")(x)
+        x = ops.LeakyReLU(0.2, name=f"conv{i}_act")(x)
         x = ops.norm(x, norm_type, groups, name=f"conv{i}_norm")
         x = keras.layers.Dropout(dropout, name=f"conv{i}_dropout")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate((512, 128, 32)):
         x = ops.fc(x, units, name=f"fc{i}")
-        x = keras.layers.LeakyReLU(0.2, name=f"fc{i}_act")(x)
+        x = ops.LeakyReLU(0.2, name=f"fc{i}_act")(x)
     return ops.fc(x, num_classes, name="logits")
 
 

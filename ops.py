@@ -365,6 +365,35 @@ def _patches_matmul(patches, kernel):
     return patches @ kernel, gradient
 
 
+@keras.saving.register_keras_serializable(package="gn")
+class LeakyReLU(keras.layers.LeakyReLU):
+    """Keras's LeakyReLU with its gradient computed from its output instead of its input.
+
+    With oneDNN (TensorFlow's default on CPUs with AVX-512), grappler's remapper fuses a biased
+    convolution or dense layer and the LeakyReLU after it into one op, then finds the training
+    graph's LeakyReluGrad still reading the bias add it removed; the rewrite fails ("remapper
+    failed: ... fanout ... LeakyReluGrad exist for missing node ... BiasAdd") and the graph runs
+    without any of the remapper's fusions. With a positive slope the output has the sign of the
+    input, so the gradient can read the output, and the bias add keeps a single reader.
+    """
+
+    def call(self, inputs):
+        return _leaky_relu(inputs, self.negative_slope)
+
+
+def _leaky_relu(inputs, negative_slope):
+    @tf.custom_gradient
+    def forward(x):
+        y = tf.nn.leaky_relu(x, alpha=negative_slope)
+
+        def backward(dy):
+            return tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=negative_slope)
+
+        return y, backward
+
+    return forward(inputs)
+
+
 def norm_layer(norm_type, channels, groups=32, name=None):
     """The layer for a `--norm_type` value, for an input with `channels` channels."""
     if norm_type in ("batch", "sync_batch"):

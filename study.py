@@ -14,13 +14,10 @@ from their latest checkpoint; more norm types, batch sizes or seeds extend the g
 directory holds study.json (its trainer flags and grid), runs/<cell>/ (ordinary run directories),
 logs/<cell>.log, and results.csv, results.md, accuracy_vs_batch.png, curves.png.
 """
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up notices quiet
-
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -46,7 +43,7 @@ TRAIN_LINE = re.compile(r"\[train step +(\d+)\]")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = util.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False, usage="python study.py [study flags] [trainer.py flags]")
     grid = parser.add_argument_group("the grid (default: batch group / 1 2 4 8 16 32 64 / 0; "
@@ -73,6 +70,7 @@ def parse_args(argv=None):
     mode.add_argument("--report", action="store_true",
                       help="train nothing: evaluate finished BN runs with precise BN where "
                            "missing, and collate whatever exists")
+    util.add_verbose_flag(study)
     args, trainer_flags = parser.parse_known_args(argv)
     args.trainer_flags = trainer_flags
     return args
@@ -84,7 +82,7 @@ def check_trainer_flags(flags):
     """({flag destination: value} of the trainer settings `flags` change from trainer.py's
     defaults, every setting); one-line errors for flags trainer.py does not know or the study
     sets itself."""
-    import trainer  # its flag definitions; imported here so that --help stays quick
+    import trainer  # its flag definitions (and TensorFlow); imported here so --help stays quick
 
     for token in flags:
         name = token.split("=", 1)[0]
@@ -142,6 +140,7 @@ def open_study(args):
     grows by the norm types, batch sizes and seeds given."""
     trainer_config, _ = check_trainer_flags(args.trainer_flags)
     study_dir = args.study_dir or default_study_dir(trainer_config)
+    util.check_writable_directory(study_dir, "--study_dir")
     path = os.path.join(study_dir, "study.json")
     if os.path.isfile(path):
         record = read_json(path)
@@ -172,6 +171,7 @@ def extend_axis(values, more, numeric):
 
 def check_grid(study):
     import ops
+    import trainer
 
     for norm_type in study.norm_types:
         if norm_type not in ops.NORM_TYPES:
@@ -179,6 +179,9 @@ def check_grid(study):
                              f"{', '.join(ops.NORM_TYPES)}")
     if min(study.batch_sizes) <= 0:
         raise UsageError(f"--batch_sizes must be positive, got {min(study.batch_sizes)}")
+    if not 0 <= min(study.seeds) <= max(study.seeds) <= trainer.MAX_SEED:
+        raise UsageError(f"--seeds must be between 0 and {trainer.MAX_SEED}, got "
+                         f"{' '.join(map(str, study.seeds))}")
 
 
 # Cells ------------------------------------------------------------------------------------------

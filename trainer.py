@@ -14,12 +14,15 @@ update, the learning rate or the number of examples seen (the 2018 repo's adjust
 with --no_adjust_learning_rate). The loop is written out rather than `model.fit` so a checkpoint
 can hold the input pipeline's position next to the model, optimizer and step.
 """
-import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up notices quiet
+import util
+
+util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
 
 import argparse
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -33,7 +36,6 @@ import input_ops
 import model as model_lib
 import ops
 import runs
-import util
 from datasets import registry
 from util import UsageError, log
 
@@ -45,12 +47,13 @@ DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
 # Exit status after SIGTERM, as a shell reports a process it ended: 128 + 15.
 TERMINATED_STATUS = 143
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
+MAX_SEED = 2**32 - 1  # the largest seed numpy and keras.utils.set_random_seed take
 
 
 def build_parser(**options):
-    """The trainer's flags; `options` go to argparse.ArgumentParser (study.py checks the flags
+    """The trainer's flags; `options` go to util.ArgumentParser (study.py checks the flags
     it passes on with a strict parser)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], **options)
+    parser = util.ArgumentParser(description=__doc__.split("\n\n")[0], **options)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=registry.DEFAULT_DATASET,
                       help="sample (default: the bundled Fashion-MNIST subset), MNIST, Fashion, "
@@ -122,6 +125,7 @@ def build_parser(**options):
     logs.add_argument("--ckpt_save_step", type=int, default=1000,
                       help="save a checkpoint every this many steps, and always at the end "
                            "(default: %(default)s)")
+    util.add_verbose_flag(logs)
     return parser
 
 
@@ -142,6 +146,8 @@ def check_flags(config, data):
                  "write_summary_step", "ckpt_save_step", "groups"):
         if getattr(config, flag) <= 0:
             raise UsageError(f"--{flag} must be positive, got {getattr(config, flag)}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {config.seed}")
     if not 0 <= config.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
@@ -241,6 +247,7 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               streams=self.streams, train_seconds=self.clock)
         self.manager = self.writers = None  # made by open_run_dir, once the state is final
+        self.made_run_dir = False  # whether open_run_dir created the run directory
         self.saved_step = None  # the step of the checkpoint this process saved or restored last
         self.started = None  # time.time() when this process began training
 
@@ -250,6 +257,7 @@ class Trainer:
         Only the chief writes the run directory: the other workers of a cluster save their
         checkpoints (every worker takes part in saving) to a temporary directory and write no
         summaries."""
+        self.made_run_dir = self.chief and not os.path.exists(self.run_dir)
         if not self.chief:
             directory = tempfile.mkdtemp(prefix="gn-worker-checkpoints-")
             self.writers = {split: tf.summary.create_noop_writer() for split in ("train", "test")}
@@ -264,10 +272,17 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=None,
                                                   checkpoint_name="model")
 
-    def close_run_dir(self):
-        """Removes a non-chief worker's temporary checkpoints."""
+    def close_run_dir(self, finished):
+        """Closes the summary writers and removes a non-chief worker's temporary checkpoints. A
+        run that did not finish, in a run directory this process made, that holds no checkpoint
+        (it failed before it saved one) leaves no directory behind: there is nothing in it to
+        continue or evaluate."""
+        for writer in self.writers.values():
+            writer.close()
         if not self.chief:
             shutil.rmtree(self.manager.directory, ignore_errors=True)
+        elif not finished and self.made_run_dir and self.manager.latest_checkpoint is None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     @property
     def step(self):
@@ -485,11 +500,9 @@ def checkpoint_to_continue(config):
     """The checkpoint this run starts from: the newest readable one in --run_dir when that
     directory holds some (the run continues in place), else --checkpoint's, else None."""
     latest = None
-    if config.run_dir is not None:
-        if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
-            raise UsageError(f"--run_dir {config.run_dir} is a file — pass a directory")
-        if os.path.isdir(config.run_dir) and util.run_checkpoints(config.run_dir):
-            latest = util.newest_readable_checkpoint(config.run_dir)
+    if config.run_dir is not None and os.path.isdir(config.run_dir) and \
+            util.run_checkpoints(config.run_dir):
+        latest = util.newest_readable_checkpoint(config.run_dir)
     if latest and config.checkpoint:
         raise UsageError(f"--run_dir {config.run_dir} holds checkpoints already — drop "
                          "--checkpoint to continue it, or pass a new --run_dir")
@@ -512,6 +525,10 @@ def write_result(trainer, loss, accuracy, confusion):
 def main(argv=None):
     config = parse_args(argv)
     util.setup_logging()
+    if config.run_dir:
+        util.check_writable_directory(config.run_dir, "--run_dir")
+    else:
+        util.check_writable_directory(config.train_dir, "--train_dir")
     strategy = distribution.make_strategy(config.strategy, config.devices)
     distribution.set_precision(config.precision)
     check_setup(config, strategy)
@@ -538,15 +555,17 @@ def main(argv=None):
     log.info("%s on %s (%d train, %d test), %s norm, %d parameters", config.model,
              config.dataset, data.num_train, data.num_test, config.norm_type, config.parameters)
     log.info("%s; %s", distribution.describe(strategy), batch_semantics(trainer))
+    finished = False
     try:
         with util.sigterm_as_interrupt():
             trainer.train()
+        finished = True
     except util.Terminated:
         raise SystemExit(TERMINATED_STATUS)
     except KeyboardInterrupt:
         raise SystemExit(130)
     finally:
-        trainer.close_run_dir()
+        trainer.close_run_dir(finished)
     loss, accuracy, confusion = runs.evaluate(trainer.model, trainer.eval_data, data.num_classes)
     if trainer.chief:
         write_result(trainer, loss, accuracy, confusion)

@@ -1,4 +1,5 @@
 """Small helpers shared by the command-line scripts: errors, logging, run directories, files."""
+import argparse
 import contextlib
 import json
 import logging
@@ -7,6 +8,60 @@ import signal
 import sys
 import tempfile
 import time
+
+
+VERBOSE_FLAG = "--verbose"
+
+
+def quiet_tensorflow(argv):
+    """Imports TensorFlow with its C++ log lines hidden (TF_CPP_MIN_LOG_LEVEL 3), unless `argv`
+    holds --verbose (level 0) or the environment sets a level of its own.
+
+    While it is imported, TensorFlow prints INFO lines whatever the level (the CUDA stub's
+    "Could not find cuda drivers", twice), so its stderr is held back during the import and shown
+    only if the import fails or the level lets INFO lines through. The CLIs call this first, with
+    sys.argv, before any module imports TensorFlow."""
+    if VERBOSE_FLAG in argv:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if level.strip() in ("", "0") or "tensorflow" in sys.modules:
+        return
+    with _stderr_held_back():
+        import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+    """Within the block, file descriptor 2 (C++ libraries' stderr too) goes to a temporary file,
+    which is copied to the real stderr if the block raises."""
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(real_stderr, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(real_stderr, 2)
+            os.close(real_stderr)
+
+
+def add_verbose_flag(parser):
+    """The --verbose flag that `quiet_tensorflow` reads, so that --help lists it."""
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help="also print TensorFlow's own log lines, hidden by default (as they "
+                             "are when the environment sets TF_CPP_MIN_LOG_LEVEL)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, its errors one line with exit status 2 like the CLIs' other errors."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} — see python {self.prog} --help\n")
 
 
 class UsageError(Exception):
@@ -74,6 +129,24 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable_directory(path, flag):
+    """A one-line error, before any work, when the directory a CLI will write into is a file, lies
+    inside a file, or is somewhere no file can be created (permissions, a read-only disk)."""
+    wanted = os.path.abspath(path)
+    existing = wanted
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == wanted else f"is inside {existing}, which is a file"
+        raise UsageError(f"{flag} {path} {where} — pass a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path} is not writable: {existing} refuses new files "
+                         f"({error.strerror}) — pass a directory you can write to") from None
 
 
 def _current_umask():

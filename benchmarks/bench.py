@@ -33,8 +33,10 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import util  # noqa: E402
+
+util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -399,7 +401,7 @@ def group_norm_kernels():
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = util.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -407,6 +409,7 @@ def parse_args(argv=None):
                         help="models of the step section")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, noisier numbers")
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+    util.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 

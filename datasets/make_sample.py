@@ -2,7 +2,6 @@
 
     python datasets/make_sample.py            # writes datasets/sample/data.hdf5
 """
-import argparse
 import os
 import sys
 
@@ -19,7 +18,7 @@ OUT_SPLITS = {"train": "train", "t10k": "test"}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = util.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist",
                         help="folder with the raw Fashion-MNIST .gz files (Debian package "
                              "dataset-fashion-mnist)")

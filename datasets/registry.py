@@ -164,8 +164,12 @@ def locate(name, data_dir):
     """Returns (spec, path of its data file) for `--dataset name`; spec is None for a user's
     dataset.
 
-    Raises UsageError when the name is unknown or a registry dataset has not been created yet.
+    Raises UsageError when the name is unknown, a registry dataset has not been created yet, or
+    `data_dir` is a file.
     """
+    if os.path.isfile(data_dir):
+        raise UsageError(f"--data_dir {data_dir} is a file — pass the directory download.py "
+                         "writes datasets into")
     spec = find(name)
     if spec is None:
         path = os.path.join(data_dir, name, DATA_FILE)

@@ -393,18 +393,6 @@ def test_pickle_that_calls_os_system_is_refused(tmp_path):
 
 # Command line -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "NoSuchSet"], "unknown dataset 'NoSuchSet': choose from MNIST"),
-    (["--dataset", "sample"], "unknown dataset 'sample'"),
-    (["--dataset", "ImageNet"], "ImageNet is not downloaded: pass --imagenet_dir DIR"),
-    (["--dataset", "MNIST", "--source", "/nonexistent"], "--source /nonexistent is not a folder"),
-    (["--from_folder", "/nonexistent", "--name", "CIFAR10"], "--name CIFAR10 is a registered"),
-])
-def test_usage_errors(tmp_path, argv, message):
-    with pytest.raises(UsageError, match=message):
-        download.main([*argv, "--data_dir", str(tmp_path)])
-
-
 def test_cli_one_line_error_and_datasets_alias(tmp_path):
     result = subprocess.run([sys.executable, "download.py", "--datasets", "MNIST", "NoSuchSet",
                              "--data_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)

@@ -730,3 +730,22 @@ def test_fast_group_norm_in_a_function_with_unknown_batch(gn_kernels):
         x = tf.random.normal([batch, 6, 6, 8]) * 2 + 1
         y, _, _ = np_group_norm(x.numpy(), np.ones(8, np.float32), np.zeros(8, np.float32), 4)
         np.testing.assert_allclose(traced(x).numpy(), y, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_leaky_relu_equals_keras_with_gradients(dtype):
+    """The gradient read from the output is the one Keras reads from the input, zeros included."""
+    x = tf.constant(np.concatenate([np.linspace(-3, 3, 61), [0.0, -0.0]]), dtype)
+    ours, theirs = (layer(0.2, dtype=dtype.name) for layer in (ops.LeakyReLU,
+                                                              keras.layers.LeakyReLU))
+    upstream = tf.cast(tf.range(1, 64), dtype)
+    results = []
+    for layer in (ours, theirs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        results.append((y, tape.gradient(y, x, output_gradients=upstream)))
+    (y, dx), (expected_y, expected_dx) = results
+    assert y.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(tf.cast(y, tf.float32), tf.cast(expected_y, tf.float32))
+    np.testing.assert_array_equal(tf.cast(dx, tf.float32), tf.cast(expected_dx, tf.float32))

@@ -173,24 +173,6 @@ def test_failed_cells_are_reported_and_the_others_finish(tmp_path, capsys):
     assert "| GN |" not in (study_dir / "results.md").read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch_size", "4"], "--batch_size is set by the study for each run — pass --batch_sizes"),
-    (["--checkpoint", "x"], "--checkpoint is set by the study"),
-    (["--no_such_flag", "1"], "--no_such_flag is neither a study.py nor a trainer.py flag"),
-    (["--norm", "batch"], "--norm is neither a study.py nor a trainer.py flag"),
-    (["--model", "vgg"], "trainer flag argument --model: invalid choice: 'vgg'"),
-    (["--norm_types", "batch", "bogus"], "--norm_types: unknown 'bogus'"),
-    (["--batch_sizes", "0"], "--batch_sizes must be positive, got 0"),
-    (["--jobs", "0"], "--jobs must be positive, got 0"),
-    (["--report"], "holds no study (no study.json)"),
-])
-def test_flag_errors(argv, message, tmp_path, capsys):
-    assert run_study(tmp_path / "s", *argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert not os.path.exists(tmp_path / "s"), "nothing is written on a bad flag"
-
-
 def test_other_trainer_flags_in_an_existing_study_are_refused(tmp_path, capsys):
     assert run_study(tmp_path, "--print_commands", "--learning_rate", "0.01") == 0
     capsys.readouterr()
