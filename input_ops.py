@@ -10,6 +10,7 @@ ops, so all random state lives in the iterator.
 """
 import functools
 
+import numpy as np
 import tensorflow as tf
 
 from datasets import hdf5_format, image_tree, registry
@@ -59,7 +60,7 @@ def eval_dataset(data, batch_size):
     """The test split exactly once, in order; the last batch may be smaller."""
     indices = tf.data.Dataset.range(data.num_test)
     if isinstance(data, image_tree.ImageTree):
-        examples = indices.map(_gatherer(data.test_files, data.test_labels))
+        examples = indices.map(_file_gatherer(data.test_files, data.test_labels))
         batches = _central_crops(examples, data.image_size).batch(batch_size)
     else:
         batches = indices.batch(batch_size).map(_gatherer(data.test_images, data.test_labels),
@@ -96,11 +97,29 @@ def _worker_share(stream, share, elements_per_batch=1):
 
 
 def _gatherer(images, labels):
-    images = tf.constant(images)
-    labels = tf.constant(labels, dtype=tf.int32)
+    """Batches of a split held in memory, gathered from the numpy arrays it was read into. The
+    images stay there: a tf.constant of them would be a copy (two, measured, while it is made),
+    and every dataset built on it held another one."""
+    images, labels = np.asarray(images), np.asarray(labels)
+
+    def gather_arrays(indices):
+        return images[indices], labels[indices].astype(np.int32, copy=False)
 
     def gather(indices):
-        return tf.gather(images, indices), tf.gather(labels, indices)
+        batch_images, batch_labels = tf.numpy_function(
+            gather_arrays, [indices], [tf.as_dtype(images.dtype), tf.int32], stateful=False)
+        return (tf.ensure_shape(batch_images, indices.shape.concatenate(images.shape[1:])),
+                tf.ensure_shape(batch_labels, indices.shape))
+    return gather
+
+
+def _file_gatherer(files, labels):
+    """(path, label) of an example streamed from files."""
+    files = tf.constant(files)
+    labels = tf.constant(labels, dtype=tf.int32)
+
+    def gather(index):
+        return tf.gather(files, index), tf.gather(labels, index)
     return gather
 
 
@@ -143,7 +162,7 @@ def _streamed_batches(files, labels, image_size, batch_size, seed, augment, shar
     224 px); restoring decodes those again.
     """
     indices = _worker_share(_permuted_indices(len(labels), seed), share, batch_size)
-    examples = indices.map(_gatherer(files, labels))
+    examples = indices.map(_file_gatherer(files, labels))
     if augment:
         random_crop = functools.partial(_random_crop, image_size=image_size)
         seeds = _worker_share(_seeds(seed), share, batch_size)

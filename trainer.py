@@ -250,6 +250,7 @@ class Trainer:
         self.made_run_dir = False  # whether open_run_dir created the run directory
         self.saved_step = None  # the step of the checkpoint this process saved or restored last
         self.started = None  # time.time() when this process began training
+        self.first_update_done = None  # time.time() when this process's first update was made
 
     def open_run_dir(self):
         """Creates the run directory with config.json, the checkpoint manager and the summary
@@ -390,6 +391,7 @@ class Trainer:
                 learning_rate = float(self.optimizer.learning_rate)  # the rate of this update
                 start = time.time()
                 loss, accuracy, gradient_norm = (float(v) for v in self.train_step())
+                self.first_update_done = self.first_update_done or time.time()
                 window.append((loss, accuracy, time.time() - start))
                 step = self.step
                 self.check_finite(step, loss, gradient_norm)
@@ -509,16 +511,19 @@ def checkpoint_to_continue(config):
     return latest or (config.checkpoint and util.resolve_checkpoint(config.checkpoint))
 
 
-def write_result(trainer, loss, accuracy, confusion):
+def write_result(trainer, loss, accuracy, confusion, data_read):
     """<run>/result.json, written when a run ends: the evaluation of its last checkpoint in the
-    shape `evaler.py --json` prints, the training time and throughput, and the resolved flags."""
+    shape `evaler.py --json` prints, the training time and throughput, the seconds this process
+    took from the end of reading the data (time.time() `data_read`) to its first update (null if
+    it made none), and the resolved flags."""
     config = trainer.config
     result = runs.report(trainer.manager.latest_checkpoint, loss, accuracy, confusion,
                          trainer.data.class_names)
     seconds = trainer.seconds
     examples = trainer.step * trainer.passes * trainer.examples_per_pass
+    first_update = trainer.first_update_done and round(trainer.first_update_done - data_read, 3)
     result.update(seconds=round(seconds, 3), images_per_sec=round(examples / seconds, 2),
-                  config=vars(config))
+                  seconds_to_first_update=first_update, config=vars(config))
     util.write_json(os.path.join(trainer.run_dir, "result.json"), result)
 
 
@@ -533,6 +538,7 @@ def main(argv=None):
     distribution.set_precision(config.precision)
     check_setup(config, strategy)
     spec, data = input_ops.load(config.dataset, config.data_dir)
+    data_read = time.time()
     check_flags(config, data)
     image_size = data.image_shape[0]
     config.model = config.model or model_lib.default_model(image_size)
@@ -568,7 +574,7 @@ def main(argv=None):
         trainer.close_run_dir(finished)
     loss, accuracy, confusion = runs.evaluate(trainer.model, trainer.eval_data, data.num_classes)
     if trainer.chief:
-        write_result(trainer, loss, accuracy, confusion)
+        write_result(trainer, loss, accuracy, confusion, data_read)
     log.info("done: step %d, test loss %.4f, test accuracy %.2f%% (%d examples)", trainer.step,
              loss, 100 * accuracy, data.num_test)
 

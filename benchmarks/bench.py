@@ -19,6 +19,9 @@ Sections:
            BN: 2 logical devices x 16 over 1 x 32, mixed_bfloat16 over float32, --jit_compile
            over the plain graph (the process splits its CPU into 2 logical devices first; the
            other sections run on the first, as without the split)
+  memory   trainer.py processes (resnet20, 2 updates) on the bundled sample and on a generated
+           file of Tiny ImageNet's size (100,000 + 10,000 images of 64x64x3): peak RSS, and the
+           seconds from the end of the HDF5 read to the first update
 
 Every candidate of a comparison is timed in the same process, interleaved in several rounds:
 times are the median round, ratios the median over rounds of the two candidates' times in a
@@ -29,11 +32,13 @@ import gc
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import util  # noqa: E402
 
 util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
@@ -49,7 +54,7 @@ import ops  # noqa: E402
 import trainer  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
 
-SECTIONS = ("norm", "step", "input", "convert", "scale")
+SECTIONS = ("norm", "step", "input", "convert", "scale", "memory")
 NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
 GROUPS = 32
 MODELS = {"conv": (32, 3, 32), "resnet20": (32, 3, 8), "resnet": (64, 3, 32)}  # size, C, GN G
@@ -63,6 +68,8 @@ TARGETS = [  # (name, limit)
     ("train step GN / BN, conv and resnet20, batch 2 and 32 (worst)", 1.0),
     ("train step / forward-only, conv, batch 32", 6.0),
     ("input wait fraction, 32x32x3 crop+flip", 0.05),
+    ("peak RSS / (1.5 x data + footprint), Tiny-ImageNet-sized file", 1.0),
+    ("seconds from the HDF5 read to the first update, Tiny-ImageNet-sized file", 5.0),
 ]
 
 
@@ -359,6 +366,73 @@ def print_scale(rows):
               + "".join(f"{row[n]:>15.2f}x" for n in others))
 
 
+# Memory -----------------------------------------------------------------------------------------
+
+TINY_IMAGENET_SIZE = {"train": 100_000, "test": 10_000, "shape": (64, 64, 3), "classes": 200}
+MEMORY_RUN = ["--model", "resnet20", "--groups", "8", "--batch_size", "32", "--max_batch_size",
+              "32", "--max_training_step", "2"]
+
+
+def write_tiny_imagenet_sized(folder, name):
+    """A data.hdf5 of Tiny ImageNet's size: 100,000 train and 10,000 test uint8 images of 64x64x3
+    (1.35 GB), random 8x8 blocks scaled up so that it compresses and writes in seconds. Returns
+    the bytes of its images."""
+    rng = np.random.default_rng(0)
+    size = TINY_IMAGENET_SIZE
+    splits = {}
+    for split in ("train", "test"):
+        blocks = rng.integers(0, 256, (size[split], 8, 8, 3), dtype=np.uint8)
+        splits[split] = (blocks.repeat(8, axis=1).repeat(8, axis=2),
+                         rng.integers(0, size["classes"], size[split]))
+    hdf5_format.write_dataset(os.path.join(folder, name, "data.hdf5"), splits,
+                              [str(i) for i in range(size["classes"])], {})
+    return sum(images.nbytes for images, _ in splits.values())
+
+
+def trainer_run(folder, dataset):
+    """(peak RSS in bytes, result.json) of a `trainer.py` process making 2 updates of resnet20
+    on `dataset`; its output goes to <folder>/<dataset>.log."""
+    run_dir = os.path.join(folder, "run-" + dataset)
+    command = [sys.executable, os.path.join(REPO, "trainer.py"), "--dataset", dataset,
+               "--data_dir", folder, *MEMORY_RUN, "--run_dir", run_dir]
+    log_path = os.path.join(folder, dataset + ".log")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if status:
+        with open(log_path) as log:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{log.read()[-2000:]}")
+    with open(os.path.join(run_dir, "result.json")) as f:
+        return usage.ru_maxrss * 1024, json.load(f)
+
+
+def bench_memory():
+    """trainer.py on the bundled sample (the process's footprint) and on a Tiny-ImageNet-sized
+    file: peak RSS against 1.5 x the uint8 data + that footprint, and the seconds from the end of
+    the HDF5 read to the first update on both (the same network: the difference is the data's)."""
+    with tempfile.TemporaryDirectory() as folder:
+        footprint, sample_result = trainer_run(folder, "sample")
+        data_bytes = write_tiny_imagenet_sized(folder, "tiny_imagenet_sized")
+        gc.collect()
+        peak, result = trainer_run(folder, "tiny_imagenet_sized")
+    limit = 1.5 * data_bytes + footprint
+    return {"data_bytes": data_bytes, "sample_peak_rss": footprint, "peak_rss": peak,
+            "peak_over_limit": peak / limit,
+            "seconds_to_first_update": result["seconds_to_first_update"],
+            "sample_seconds_to_first_update": sample_result["seconds_to_first_update"]}
+
+
+def print_memory(row):
+    gb = 1e9
+    print(f"Memory of trainer.py (resnet20, 2 updates), {row['data_bytes'] / gb:.2f} GB of uint8 "
+          "images (Tiny ImageNet's size)")
+    print(f"  peak RSS {row['peak_rss'] / gb:.2f} GB; on the bundled sample "
+          f"{row['sample_peak_rss'] / gb:.2f} GB; limit 1.5 x data + that = "
+          f"{(row['peak_rss'] / row['peak_over_limit']) / gb:.2f} GB")
+    print(f"  {row['seconds_to_first_update']:.1f} s from the end of the HDF5 read to the first "
+          f"update; on the bundled sample {row['sample_seconds_to_first_update']:.1f} s")
+
+
 # Report -----------------------------------------------------------------------------------------
 
 def target_values(results):
@@ -380,6 +454,9 @@ def target_values(results):
             values[TARGETS[3][0]] = max(conv32)
     if "input" in results:
         values[TARGETS[4][0]] = results["input"][-1]["wait_fraction"]
+    if "memory" in results:
+        values[TARGETS[5][0]] = results["memory"]["peak_over_limit"]
+        values[TARGETS[6][0]] = results["memory"]["seconds_to_first_update"]
     return values
 
 
@@ -425,11 +502,12 @@ def main(argv=None):
         "input": lambda: bench_input(20 if args.quick else 100, rounds, seconds),
         "convert": bench_convert,
         "scale": lambda: bench_scale(two_devices, rounds, seconds),
+        "memory": bench_memory,
     }
     printers = {"norm": print_norm, "step": print_step, "input": print_input,
                 "convert": lambda r: print(f"HDF5 conversion of {r['images']:,} 28x28 images: "
                                            f"{r['seconds']:.2f} s"),
-                "scale": print_scale}
+                "scale": print_scale, "memory": print_memory}
     results = {"fast_ops": ops.fast_ops_enabled(), "group_norm_kernels": group_norm_kernels()}
     if not args.json:
         print(f"GroupNorm kernels: {results['group_norm_kernels']}")

@@ -18,7 +18,7 @@ def run_bench(*argv):
 def test_help_lists_the_sections():
     result = run_bench("--help")
     assert result.returncode == 0
-    for section in ("norm", "step", "input", "convert", "scale", "GN_FAST_OPS=0",
+    for section in ("norm", "step", "input", "convert", "scale", "memory", "GN_FAST_OPS=0",
                     "GN_CPP_KERNELS=0"):
         assert section in result.stdout
 

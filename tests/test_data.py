@@ -293,6 +293,27 @@ def test_test_sample_dataset_is_endless_shuffled_test_batches():
     assert all((x * 255).round().astype(np.uint8)[0].tobytes() in test_set for x, _ in batches)
 
 
+def resident_bytes():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def test_pipelines_hold_no_copy_of_the_images():
+    """The train, test-sample and evaluation pipelines gather from the arrays read from disk;
+    a copy of the 200 MB of images (tf.constant made two) would show in the resident memory."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50_000, 64, 64, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, 50_000).astype(np.int32)
+    data = hdf5_format.ImageData(images, labels, images, labels, 10, list("0123456789"))
+    before = resident_bytes()
+    pipelines = [input_ops.train_dataset(data, 32, seed=0, augment=True),
+                 input_ops.test_sample_dataset(data, 32, seed=0),
+                 input_ops.eval_dataset(data, 32)]
+    for pipeline in pipelines:
+        next(iter(pipeline))
+    assert resident_bytes() - before < images.nbytes / 4
+
+
 # Bundled sample ---------------------------------------------------------------------------------
 
 def test_bundled_sample():

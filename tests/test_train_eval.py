@@ -290,7 +290,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
 
 def test_result_json_is_written_at_the_end(batch_norm_run, capsys):
-    """result.json holds the evaluation evaler.py prints, the time and the resolved flags."""
+    """result.json holds the evaluation evaler.py prints, the times and the resolved flags."""
     with open(os.path.join(batch_norm_run, "result.json")) as f:
         result = json.load(f)
     evaler.main(["--checkpoint", batch_norm_run, "--json"])
@@ -300,6 +300,7 @@ def test_result_json_is_written_at_the_end(batch_norm_run, capsys):
     assert result["loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
     assert result["step"] == 6 and result["seconds"] > 0
     assert result["images_per_sec"] == pytest.approx(6 * 32 / result["seconds"], rel=0.01)
+    assert result["seconds_to_first_update"] > 0
     assert result["config"]["norm_type"] == "batch" and result["config"]["model"] == "conv"
 
 
