@@ -188,6 +188,27 @@ def build_model(config, data):
         raise UsageError(f"{error}, and pass it as --groups") from None
 
 
+def check_statistics(config, model, replicas):
+    """Refuses a network with a normalization whose every statistic covers one value: its output
+    is then beta whatever the input, and the layers before it cannot learn. Instance norm on a
+    1x1 map does that (the `resnet` net's last stage below 64 px), and BN on one at batch 1."""
+    for layer in model.layers:
+        if isinstance(layer, ops.GroupNorm):
+            values = layer.input.shape[-1] // layer.groups
+            remedy = "--norm_type group with fewer groups"
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            values = config.batch_size * (replicas if layer.synchronized else 1)
+            remedy = "a --batch_size of 2 or more, --norm_type group"
+        else:
+            continue
+        map_shape = layer.input.shape[1:-1]
+        if values * math.prod(map_shape) == 1:
+            raise UsageError(f"--norm_type {config.norm_type} normalizes each channel of "
+                             f"{layer.name} (a {'x'.join(map(str, map_shape))} map) over a single "
+                             "value, which makes it a constant that nothing before it can learn "
+                             f"from — use {remedy}, larger images or another --model")
+
+
 def build_optimizer(config):
     """Adam or SGD with momentum 0.9, gradients clipped to global norm 20 as in the 2018 repo, and
     the learning rate cosine-decayed to 0 over max_training_step updates; with mixed_float16,
@@ -229,6 +250,7 @@ class Trainer:
         self.passes = passes_per_update(config, self.share.replicas)
         with self.strategy.scope():
             self.model = build_model(config, data)
+            check_statistics(config, self.model, self.share.replicas)
             self.optimizer = build_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
