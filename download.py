@@ -29,8 +29,8 @@ DOWNLOADABLE = (*CONVERTERS, "ImageNet")
 
 def parse_args(argv=None):
     parser = util.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--dataset", "--datasets", dest="datasets", nargs="+", metavar="NAME",
                         help=f"datasets to prepare: {', '.join(DOWNLOADABLE)}")
     parser.add_argument("--data_dir", default=registry.DEFAULT_DATA_DIR,

@@ -62,7 +62,8 @@ def training_curves(path, curves, config, names):
             if row == 1:
                 axis.set_xlabel("step (update)")
         axes[0, column].set_title(f"{config['model']}, {names.get(norm_type, norm_type)}")
-    axes[0, -1].legend(fontsize="small")
+    if axes[0, -1].get_legend_handles_labels()[0]:  # runs too short to log a step draw none
+        axes[0, -1].legend(fontsize="small")
     figure.suptitle(f"{config['dataset']}: curves smoothed ({SMOOTHING}), mean over seeds")
     save(figure, path)
 
