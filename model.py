@@ -1,7 +1,8 @@
 """Classifier builders, made only of ops.py layers.
 
 The residual nets end in global average pooling; the `conv` net flattens its last map, as the 2018
-net did. Every builder serves 28, 32 and 64 px inputs and returns logits. `build_model` picks one by its `--model` name.
+net did. Every builder serves 28, 32 and 64 px inputs and returns logits. `build_model` picks one
+by its `--model` name.
 """
 import keras
 
