@@ -552,10 +552,8 @@ def write_result(trainer, loss, accuracy, confusion, data_read):
 def main(argv=None):
     config = parse_args(argv)
     util.setup_logging()
-    if config.run_dir:
-        util.check_writable_directory(config.run_dir, "--run_dir")
-    else:
-        util.check_writable_directory(config.train_dir, "--train_dir")
+    util.check_writable_directory(config.run_dir or config.train_dir,
+                                  "--run_dir" if config.run_dir else "--train_dir")
     strategy = distribution.make_strategy(config.strategy, config.devices)
     distribution.set_precision(config.precision)
     check_setup(config, strategy)
