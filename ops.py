@@ -13,8 +13,10 @@ Fast paths (GroupNorm's C++ or compiled kernels, Conv2D's patches product) give 
 as the plain TensorFlow ops; set the environment variable GN_FAST_OPS=0 to use the plain ops
 instead, or GN_CPP_KERNELS=0 to keep the fast paths but run GroupNorm's TensorFlow-op kernels.
 """
+import contextlib
 import functools
 import os
+import threading
 
 import keras
 import numpy as np
@@ -30,9 +32,32 @@ def _switched_off(variable):
     return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
+_plain_ops = threading.local()
+
+
 def fast_ops_enabled():
-    """False when the environment sets GN_FAST_OPS to 0 / false / no / off."""
-    return not _switched_off("GN_FAST_OPS")
+    """False when the environment sets GN_FAST_OPS to 0 / false / no / off, and inside
+    `plain_ops()`."""
+    return not (_switched_off("GN_FAST_OPS") or plain_ops_active())
+
+
+def plain_ops_active():
+    """True inside `plain_ops()`."""
+    return getattr(_plain_ops, "active", False)
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Layers called (or functions traced) inside this block are built from plain TensorFlow ops
+    only: no C++ kernel, no XLA-compiled function, no custom gradient. A graph traced here can
+    leave the process: a SavedModel loads where this repo's library was never loaded, and TFLite
+    converts it. It computes the same numbers as the fast paths (to float32 rounding)."""
+    outer = plain_ops_active()
+    _plain_ops.active = True
+    try:
+        yield
+    finally:
+        _plain_ops.active = outer
 
 
 @keras.saving.register_keras_serializable(package="gn")
@@ -378,6 +403,8 @@ class LeakyReLU(keras.layers.LeakyReLU):
     """
 
     def call(self, inputs):
+        if plain_ops_active():
+            return super().call(inputs)
         return _leaky_relu(inputs, self.negative_slope)
 
 
