@@ -149,7 +149,12 @@ def _float_batches(batches):
 
 
 def _to_float(images, labels):
-    return tf.cast(images, tf.float32) / 255.0, labels
+    return scale_images(images), labels
+
+
+def scale_images(images):
+    """uint8 pixels as the networks take them: float32 in [0, 1]."""
+    return tf.cast(images, tf.float32) / 255.0
 
 
 # Images streamed from files ---------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """A run's model after training: restore it from a checkpoint, evaluate it on the test set, report
 the result in one JSON shape, and re-estimate BN's population statistics (precise BN).
 
-trainer.py (its result.json), evaler.py and study.py (through evaler.py) share these, so a run is
-restored and measured one way everywhere.
+trainer.py (its result.json), evaler.py, study.py (through evaler.py), export.py and predict.py
+share these, so a run is restored and measured one way everywhere.
 """
+import types
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -15,9 +17,32 @@ import util
 from util import UsageError
 
 
+def restore_run(checkpoint, data_dir=None):
+    """(checkpoint prefix, config.json, what the network takes, the network with its weights)
+    for `--checkpoint` (a run directory or a checkpoint prefix). The input shape and class names
+    come from config.json; for runs whose config.json predates them, from the run's dataset (in
+    `data_dir`, default the run's own)."""
+    prefix = util.resolve_checkpoint(checkpoint)
+    config = util.read_run_config(prefix)
+    shape = network_shape(config, data_dir)
+    return prefix, config, shape, restore_model(prefix, config, shape)
+
+
+def network_shape(config, data_dir=None):
+    """The run's image_shape, num_classes and class_names (a namespace)."""
+    if "class_names" not in config:
+        _, data = input_ops.load(config["dataset"], data_dir or config["data_dir"])
+        config = {**config, "image_shape": list(data.image_shape),
+                  "num_classes": data.num_classes, "class_names": list(data.class_names)}
+    return types.SimpleNamespace(image_shape=tuple(config["image_shape"]),
+                                 num_classes=config["num_classes"],
+                                 class_names=list(config["class_names"]))
+
+
 def restore_model(prefix, config, data, strategy=None):
-    """The network of a run's `config` (its config.json) with the weights of checkpoint `prefix`,
-    its variables mirrored on the replicas of `strategy` (default: one device)."""
+    """The network of a run's `config` (its config.json) for `data` (the dataset, or what
+    `network_shape` says) with the weights of checkpoint `prefix`, its variables mirrored on the
+    replicas of `strategy` (default: one device)."""
     with (strategy or tf.distribute.get_strategy()).scope():
         model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
                                       config["norm_type"], config["groups"],

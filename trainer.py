@@ -608,7 +608,11 @@ def batch_semantics(trainer):
 
 
 def record_setup(config, trainer):
-    """What config.json records beyond the flags: how the run was laid out and its size."""
+    """What config.json records beyond the flags: how the run was laid out, its size, and what
+    its network takes and tells apart (so that export.py and predict.py need no dataset)."""
+    config.image_shape = list(trainer.data.image_shape)
+    config.num_classes = trainer.data.num_classes
+    config.class_names = list(trainer.data.class_names)
     config.replicas = trainer.share.replicas
     config.workers = trainer.share.workers
     config.strategy_class = distribution.strategy_name(trainer.strategy)

@@ -4,6 +4,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -26,12 +27,12 @@ def quiet_tensorflow(argv):
     level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if level.strip() in ("", "0") or "tensorflow" in sys.modules:
         return
-    with _stderr_held_back():
+    with stderr_held_back():
         import tensorflow  # noqa: F401
 
 
 @contextlib.contextmanager
-def _stderr_held_back():
+def stderr_held_back():
     """Within the block, file descriptor 2 (C++ libraries' stderr too) goes to a temporary file,
     which is copied to the real stderr if the block raises."""
     sys.stderr.flush()
@@ -129,6 +130,22 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yields a new temporary directory beside `path`, which must not exist; renames it to `path`
+    only if the block succeeds, else removes it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        os.rename(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
 
 
 def check_writable_directory(path, flag):

@@ -11,6 +11,8 @@ import tensorflow as tf
 
 import download
 import evaler
+import export
+import predict
 import study
 import trainer
 import util
@@ -104,7 +106,8 @@ def test_broken_checkpoint_is_a_one_line_error_and_evaler_all_skips_it(run_with_
 
 CLIS = {"trainer": (trainer.main, "--train_dir", "train"), "evaler": (evaler.main, None, None),
         "download": (download.main, "--data_dir", "data"),
-        "study": (study.main, "--study_dir", "study")}
+        "study": (study.main, "--study_dir", "study"),
+        "export": (export.main, "--output", "export"), "predict": (predict.main, None, None)}
 NOT_WRITABLE = "/proc/gn-tests"  # no file can be made in /proc, even by root
 
 BAD_INPUTS = [
@@ -171,6 +174,21 @@ BAD_INPUTS = [
     ("study", "--precise_bn -1", "--precise_bn must be 0 (off) or a number of batches"),
     ("study", "--report", "holds no study (no study.json)"),
     ("study", "--study_dir {file}", "--study_dir {file} is a file — pass a directory"),
+    ("export", "", "the following arguments are required: --checkpoint"),
+    ("export", "--checkpoint {tmp}/nothing", "checkpoint {tmp}/nothing does not exist"),
+    ("export", "--checkpoint {empty}", "no checkpoint in {empty}"),
+    ("export", "--checkpoint {empty} --output {empty}", "--output {empty} already exists"),
+    ("export", "--checkpoint {empty} --output {file}/x",
+     "--output {file}/x is inside {file}, which is a file"),
+    ("export", "--checkpoint {empty} --format onnx", "argument --format: invalid choice: 'onnx'"),
+    ("predict", "--model {empty}", "the following arguments are required: IMAGE"),
+    ("predict", "{file}", "one of the arguments --checkpoint --model is required"),
+    ("predict", "--model {empty} {tmp}/nothing.png", "{tmp}/nothing.png does not exist"),
+    ("predict", "--model {empty} {empty}", "no PNG, JPEG, BMP or GIF file under {empty}"),
+    ("predict", "--model {empty} {file}", "--model {empty} is not an export"),
+    ("predict", "--model {tmp}/nothing {file}", "--model {tmp}/nothing is not an export"),
+    ("predict", "--checkpoint {empty} {file}", "no checkpoint in {empty}"),
+    ("predict", "--model {empty} {file} --top_k 0", "--top_k must be at least 1, got 0"),
 ]
 
 
