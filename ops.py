@@ -7,7 +7,9 @@ normalizes every group by its own mean and variance, so no statistic crosses the
 
 Layer norm is the case G = 1 and instance norm the case G = C; both are `GroupNorm`. Batch norm is
 Keras's `BatchNormalization` (`synchronized=True` for multi-device statistics).
-Everything here is channels-last. No flags, no I/O.
+`GroupNorm` takes the arguments of `keras.layers.GroupNormalization`, and
+`from_keras_group_norm` converts a model built with that layer (docs/keras_layer.md).
+Conv2D is channels-last. No flags, no I/O.
 
 Fast paths (GroupNorm's C++ or compiled kernels, Conv2D's patches product) give the same numbers
 as the plain TensorFlow ops; set the environment variable GN_FAST_OPS=0 to use the plain ops
@@ -15,6 +17,7 @@ instead, or GN_CPP_KERNELS=0 to keep the fast paths but run GroupNorm's TensorFl
 """
 import contextlib
 import functools
+import numbers
 import os
 import threading
 
@@ -62,63 +65,113 @@ def plain_ops():
 
 @keras.saving.register_keras_serializable(package="gn")
 class GroupNorm(keras.layers.Layer):
-    """Group Normalization over the last (channel) axis of an input of any rank >= 2.
+    """Group Normalization, a drop-in for `keras.layers.GroupNormalization` with faster kernels.
 
     Args:
-        groups: number of channel groups G; the channel count C must be a multiple of G.
-        epsilon: added to the group variance before the square root.
-        center: learn a per-channel offset beta (initialized to 0).
-        scale: learn a per-channel scale gamma (initialized to 1).
+        groups: number of channel groups G; the channel count C must be a multiple of G. -1 means
+            one group per channel (instance norm).
+        axis: the channel axis (any but the batch axis, 0). The fast kernels serve the last axis;
+            any other axis takes the plain TensorFlow ops.
+        epsilon: added to the group variance before the square root (Keras's default, 1e-3;
+            this repo's models pass 1e-5 through `norm_layer`).
+        center: learn a per-channel offset beta.
+        scale: learn a per-channel scale gamma.
+        beta_initializer, gamma_initializer: initializers of beta (zeros) and gamma (ones).
+        beta_regularizer, gamma_regularizer: optional regularizers of beta and gamma.
+        beta_constraint, gamma_constraint: optional constraints on beta and gamma.
+        **kwargs: the base layer's arguments (`name`, `dtype`, ...).
 
-    Statistics and the normalization are computed in float32 whatever the input dtype, so
-    float16 / bfloat16 activations of size ~1e3 do not overflow when squared; the output has the
-    input's dtype. The mean and variance are folded with gamma and beta into one scale and one
-    offset per (example, channel), so normalizing is a single multiply-add over the activations:
-    `y = x * scale + offset`. The grouped view is a reshape of the channels-last tensor, never a
-    transpose. The batch dimension may be None.
+    A mask on the input passes through to the output unchanged; as in Keras's layer, the
+    statistics include the masked positions.
 
-    Speed: the forward pass and a closed-form backward pass are one C++ op each on CPU
-    (kernels/group_norm.cc, compiled on first use). Where those cannot run (no compiler, a GPU,
-    float64, a function XLA compiles whole) they are TensorFlow-op kernels, XLA-compiled from 128K elements (see
-    `_group_norm_forward`). GN_FAST_OPS=0 selects the plain ops (`_group_norm_plain`) and
-    TensorFlow's autodiff.
+    Precision: the statistics and the normalization are computed in float32 from the input as it
+    arrives, before any cast to the compute dtype: the layer turns Keras's input autocast off,
+    so under a mixed_float16 policy a float32 input above float16's range (65504) is normalized,
+    not turned into inf, and float16 / bfloat16 activations of size ~1e3 do not overflow when
+    squared. Gamma and beta are float32 variables read as float32, also inside a float16
+    autocast scope. The output has the policy's compute dtype. The mean and variance are folded
+    with gamma and beta into one scale and one offset per (example, channel), so normalizing is
+    a single multiply-add over the activations: `y = x * scale + offset`. The grouped view is a
+    reshape, never a transpose, whatever the axis. The batch dimension may be None.
+
+    Speed: for channels last, the forward pass and a closed-form backward pass are one C++ op
+    each on CPU (kernels/group_norm.cc, compiled on first use). Where those cannot run (no
+    compiler, a GPU, float64, a function XLA compiles whole) they are TensorFlow-op kernels,
+    XLA-compiled from 128K elements (see `_group_norm_forward`). GN_FAST_OPS=0 and `plain_ops()`
+    select the plain ops (`_group_norm_plain`) and TensorFlow's autodiff.
     """
 
-    def __init__(self, groups=32, epsilon=1e-5, center=True, scale=True, **kwargs):
+    def __init__(self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, **kwargs):
         super().__init__(**kwargs)
-        if groups < 1:
-            raise ValueError(f"GroupNorm: groups must be >= 1, got {groups}")
-        self.groups = groups
+        if not _is_integer(groups) or (groups < 1 and groups != -1):
+            raise ValueError(f"GroupNorm: groups must be a positive integer, or -1 for one group "
+                             f"per channel, got groups={groups!r}")
+        if not _is_integer(axis):
+            raise ValueError(f"GroupNorm: axis must be one integer, got axis={axis!r}")
+        self.groups = int(groups)
+        self.axis = int(axis)
         self.epsilon = epsilon
         self.center = center
         self.scale = scale
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.autocast = False  # the statistics see the input as it arrives; `call` casts after
 
     def build(self, input_shape):
-        if len(input_shape) < 2:
+        rank = len(input_shape)
+        if rank < 2:
             raise ValueError(f"GroupNorm needs an input of rank >= 2, got shape {input_shape}")
-        channels = input_shape[-1]
+        if not -rank <= self.axis < rank or self.axis % rank == 0:
+            raise ValueError(f"GroupNorm: axis={self.axis} is not a channel axis of an input of "
+                             f"shape {input_shape} (the batch axis 0 is not one)")
+        channels = input_shape[self.axis]
         if channels is None:
-            raise ValueError(f"GroupNorm needs a known channel count, got shape {input_shape}")
+            raise ValueError(f"GroupNorm needs a known channel count on axis {self.axis}, got "
+                             f"shape {input_shape}")
+        if self.groups == -1:
+            self.groups = channels
         if channels % self.groups:
             raise ValueError(
                 f"GroupNorm: C={channels} channels are not divisible by G={self.groups} groups; "
                 f"choose a number of groups that divides {channels}"
             )
-        # autocast=False: read in float32 also where a mixed policy computes in float16.
-        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones",
-                                     trainable=True, autocast=False) if self.scale else None
-        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
-                                    trainable=True, autocast=False) if self.center else None
+        self._channels_last = self.axis % rank == rank - 1
+        # Created in this order under these names, which checkpoints refer to.
+        self.gamma = self._affine_weight("gamma", channels, self.gamma_initializer,
+                                         self.gamma_regularizer,
+                                         self.gamma_constraint) if self.scale else None
+        self.beta = self._affine_weight("beta", channels, self.beta_initializer,
+                                        self.beta_regularizer,
+                                        self.beta_constraint) if self.center else None
         self._compiled_kernels = tuple(_compiled(kernel) for kernel in _KERNELS)
 
+    def _affine_weight(self, name, channels, initializer, regularizer, constraint):
+        # autocast=False: read in float32 also where a mixed policy computes in float16.
+        return self.add_weight(name=name, shape=(channels,), initializer=initializer,
+                               regularizer=regularizer, constraint=constraint, trainable=True,
+                               autocast=False)
+
     def call(self, inputs):
-        channels = inputs.shape[-1]
+        inputs = _statistics_input(inputs, self.compute_dtype)
+        channels = inputs.shape[self.axis]
         gamma = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, tf.float32)
         beta = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
-        if not fast_ops_enabled():
-            return _group_norm_plain(inputs, gamma, beta, self.groups, self.epsilon)
-        return _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon,
-                                self._kernels_for(inputs))
+        if self._channels_last and fast_ops_enabled():
+            outputs = _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon,
+                                       self._kernels_for(inputs))
+        else:
+            outputs = _group_norm_plain(inputs, gamma, beta, self.groups, self.epsilon,
+                                        self.axis)
+        if outputs.dtype != self.compute_dtype:
+            outputs = tf.cast(outputs, self.compute_dtype)
+        return outputs
 
     def _kernels_for(self, inputs):
         """The C++ kernels where they can run; else the TensorFlow-op kernels, XLA-compiled for
@@ -132,20 +185,70 @@ class GroupNorm(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon,
-                "center": self.center, "scale": self.scale}
+        serialize = keras.saving.serialize_keras_object
+        return {**super().get_config(), "groups": self.groups, "axis": self.axis,
+                "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
+                "beta_initializer": serialize(self.beta_initializer),
+                "gamma_initializer": serialize(self.gamma_initializer),
+                "beta_regularizer": serialize(self.beta_regularizer),
+                "gamma_regularizer": serialize(self.gamma_regularizer),
+                "beta_constraint": serialize(self.beta_constraint),
+                "gamma_constraint": serialize(self.gamma_constraint)}
 
 
-def _group_norm_plain(inputs, gamma, beta, groups, epsilon):
-    """GN written directly in TensorFlow ops, differentiated by autodiff: the reference."""
-    group_shape = [groups, inputs.shape[-1] // groups]
-    # [N, everything between batch and channels, G, C/G]: a free reshape of channels-last data.
+def from_keras_group_norm(model):
+    """A clone of a functional or Sequential `model` in which every
+    `keras.layers.GroupNormalization` (not a subclass, whose behaviour may differ) is a
+    `GroupNorm` with the same arguments and weights, so the same outputs; the other layers are
+    cloned as they are, nested models too, and every weight is copied over."""
+    def clone_layer(layer):
+        cls = GroupNorm if type(layer) is keras.layers.GroupNormalization else type(layer)
+        return cls.from_config(layer.get_config())
+    clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _statistics_input(inputs, compute_dtype):
+    """The input the statistics are computed from: as it arrives when it is a float at least as
+    wide as the compute dtype (a float32 input to a float16 layer keeps values above 65504);
+    a narrower float is cast up to the compute dtype, as Keras's autocast would, and an integer
+    to float32."""
+    if not inputs.dtype.is_floating:
+        return tf.cast(inputs, tf.float32)
+    if inputs.dtype.size < tf.as_dtype(compute_dtype).size:
+        return tf.cast(inputs, compute_dtype)
+    return inputs
+
+
+def _group_norm_plain(inputs, gamma, beta, groups, epsilon, axis=-1):
+    """GN written directly in TensorFlow ops, differentiated by autodiff: the reference, and the
+    path for channels on an axis other than the last. The input is viewed as [N, A, G, C/G], A
+    being the positions between batch and channels, and where channels are not last as
+    [N, A, G, C/G, B], B the positions after them: a free reshape either way."""
+    axis %= inputs.shape.rank
+    channels = inputs.shape[axis]
+    affine_shape = group_shape = [groups, channels // groups]
+    if axis < inputs.shape.rank - 1:
+        affine_shape = [*affine_shape, 1]
+        group_shape = [*group_shape, _positions_after(inputs, axis)]
     grouped = tf.reshape(tf.cast(inputs, tf.float32), [tf.shape(inputs)[0], -1, *group_shape])
-    mean, variance = tf.nn.moments(grouped, axes=[1, 3], keepdims=True)
-    scale = tf.math.rsqrt(variance + epsilon) * tf.reshape(gamma, group_shape)
-    offset = tf.reshape(beta, group_shape) - mean * scale
+    reduced = [1, *range(3, grouped.shape.rank)]
+    mean, variance = tf.nn.moments(grouped, axes=reduced, keepdims=True)
+    scale = tf.math.rsqrt(variance + epsilon) * tf.reshape(gamma, affine_shape)
+    offset = tf.reshape(beta, affine_shape) - mean * scale
     outputs = grouped * scale + offset
     return tf.cast(tf.reshape(outputs, tf.shape(inputs)), inputs.dtype)
+
+
+def _positions_after(inputs, axis):
+    """The number of positions after `axis`: a Python int where the shape is known."""
+    positions = inputs.shape[axis + 1:].num_elements()
+    return positions if positions is not None else tf.reduce_prod(tf.shape(inputs)[axis + 1:])
 
 
 def _group_norm_fast(inputs, gamma, beta, groups, epsilon, kernels):
@@ -427,11 +530,11 @@ def norm_layer(norm_type, channels, groups=32, name=None):
         return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name,
                                                synchronized=norm_type == "sync_batch")
     if norm_type == "group":
-        return GroupNorm(groups=groups, name=name)
+        return GroupNorm(groups=groups, epsilon=1e-5, name=name)
     if norm_type == "layer":
-        return GroupNorm(groups=1, name=name)
+        return GroupNorm(groups=1, epsilon=1e-5, name=name)
     if norm_type == "instance":
-        return GroupNorm(groups=channels, name=name)
+        return GroupNorm(groups=channels, epsilon=1e-5, name=name)
     if norm_type == "none":
         return keras.layers.Identity(name=name)
     raise ValueError(f"unknown norm_type {norm_type!r}; choose one of {', '.join(NORM_TYPES)}")
