@@ -16,23 +16,19 @@ as the plain TensorFlow ops; set the environment variable GN_FAST_OPS=0 to use t
 instead, or GN_CPP_KERNELS=0 to keep the fast paths but run GroupNorm's TensorFlow-op kernels.
 """
 import contextlib
-import functools
 import numbers
-import os
 import threading
 
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
-import kernels
+from kernels import group_norm as gn_compute
+from kernels.group_norm import cpp_kernels_usable, gpu_visible, switched_off
+# Looked up in this module when the layer runs, where tests can watch it.
+from kernels.group_norm import in_xla_function as _in_xla_function
 
 NORM_TYPES = ("batch", "sync_batch", "group", "layer", "instance", "none")
-
-
-def _switched_off(variable):
-    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 _plain_ops = threading.local()
@@ -41,7 +37,7 @@ _plain_ops = threading.local()
 def fast_ops_enabled():
     """False when the environment sets GN_FAST_OPS to 0 / false / no / off, and inside
     `plain_ops()`."""
-    return not (_switched_off("GN_FAST_OPS") or plain_ops_active())
+    return not (switched_off("GN_FAST_OPS") or plain_ops_active())
 
 
 def plain_ops_active():
@@ -97,8 +93,8 @@ class GroupNorm(keras.layers.Layer):
     Speed: for channels last, the forward pass and a closed-form backward pass are one C++ op
     each on CPU (kernels/group_norm.cc, compiled on first use). Where those cannot run (no
     compiler, a GPU, float64, a function XLA compiles whole) they are TensorFlow-op kernels,
-    XLA-compiled from 128K elements (see `_group_norm_forward`). GN_FAST_OPS=0 and `plain_ops()`
-    select the plain ops (`_group_norm_plain`) and TensorFlow's autodiff.
+    XLA-compiled from 128K elements (kernels/group_norm.py). GN_FAST_OPS=0 and `plain_ops()`
+    select the plain ops (`kernels.group_norm.plain`) and TensorFlow's autodiff.
     """
 
     def __init__(self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True,
@@ -150,7 +146,7 @@ class GroupNorm(keras.layers.Layer):
         self.beta = self._affine_weight("beta", channels, self.beta_initializer,
                                         self.beta_regularizer,
                                         self.beta_constraint) if self.center else None
-        self._compiled_kernels = tuple(_compiled(kernel) for kernel in _KERNELS)
+        self._compiled_kernels = gn_compute.compiled_kernels()
 
     def _affine_weight(self, name, channels, initializer, regularizer, constraint):
         # autocast=False: read in float32 also where a mixed policy computes in float16.
@@ -164,11 +160,10 @@ class GroupNorm(keras.layers.Layer):
         gamma = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, tf.float32)
         beta = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
         if self._channels_last and fast_ops_enabled():
-            outputs = _group_norm_fast(inputs, gamma, beta, self.groups, self.epsilon,
-                                       self._kernels_for(inputs))
+            outputs = gn_compute.fast(inputs, gamma, beta, self.groups, self.epsilon,
+                                      self._kernels_for(inputs))
         else:
-            outputs = _group_norm_plain(inputs, gamma, beta, self.groups, self.epsilon,
-                                        self.axis)
+            outputs = gn_compute.plain(inputs, gamma, beta, self.groups, self.epsilon, self.axis)
         if outputs.dtype != self.compute_dtype:
             outputs = tf.cast(outputs, self.compute_dtype)
         return outputs
@@ -176,10 +171,12 @@ class GroupNorm(keras.layers.Layer):
     def _kernels_for(self, inputs):
         """The C++ kernels where they can run; else the TensorFlow-op kernels, XLA-compiled for
         large (or not yet known) sizes."""
-        if inputs.dtype in CPP_KERNEL_DTYPES and not _in_xla_function() and cpp_kernels_usable():
-            return _CPP_KERNELS
+        if (inputs.dtype in gn_compute.CPP_KERNEL_DTYPES and not _in_xla_function()
+                and cpp_kernels_usable()):
+            return gn_compute.CPP_KERNELS
         size = inputs.shape.num_elements()
-        return self._compiled_kernels if size is None or size >= XLA_MIN_ELEMENTS else _KERNELS
+        large = size is None or size >= gn_compute.XLA_MIN_ELEMENTS
+        return self._compiled_kernels if large else gn_compute.TF_KERNELS
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -223,173 +220,6 @@ def _statistics_input(inputs, compute_dtype):
     if inputs.dtype.size < tf.as_dtype(compute_dtype).size:
         return tf.cast(inputs, compute_dtype)
     return inputs
-
-
-def _group_norm_plain(inputs, gamma, beta, groups, epsilon, axis=-1):
-    """GN written directly in TensorFlow ops, differentiated by autodiff: the reference, and the
-    path for channels on an axis other than the last. The input is viewed as [N, A, G, C/G], A
-    being the positions between batch and channels, and where channels are not last as
-    [N, A, G, C/G, B], B the positions after them: a free reshape either way."""
-    axis %= inputs.shape.rank
-    channels = inputs.shape[axis]
-    affine_shape = group_shape = [groups, channels // groups]
-    if axis < inputs.shape.rank - 1:
-        affine_shape = [*affine_shape, 1]
-        group_shape = [*group_shape, _positions_after(inputs, axis)]
-    grouped = tf.reshape(tf.cast(inputs, tf.float32), [tf.shape(inputs)[0], -1, *group_shape])
-    reduced = [1, *range(3, grouped.shape.rank)]
-    mean, variance = tf.nn.moments(grouped, axes=reduced, keepdims=True)
-    scale = tf.math.rsqrt(variance + epsilon) * tf.reshape(gamma, affine_shape)
-    offset = tf.reshape(beta, affine_shape) - mean * scale
-    outputs = grouped * scale + offset
-    return tf.cast(tf.reshape(outputs, tf.shape(inputs)), inputs.dtype)
-
-
-def _positions_after(inputs, axis):
-    """The number of positions after `axis`: a Python int where the shape is known."""
-    positions = inputs.shape[axis + 1:].num_elements()
-    return positions if positions is not None else tf.reduce_prod(tf.shape(inputs)[axis + 1:])
-
-
-def _group_norm_fast(inputs, gamma, beta, groups, epsilon, kernels):
-    """GN with a closed-form backward pass (float32 gamma and beta); `kernels` are the forward
-    and backward functions, XLA-compiled or not."""
-    forward, backward = kernels
-
-    @tf.custom_gradient
-    def group_norm(x, gamma, beta):
-        outputs, mean, rstd = forward(x, gamma, beta, groups, epsilon)
-
-        def gradient(d_outputs):
-            return backward(d_outputs, x, gamma, mean, rstd, groups)
-        return outputs, gradient
-    return group_norm(inputs, gamma, beta)
-
-
-# The kernels view the input as [N, S, C] (S = everything between batch and channels) and reduce
-# over S per channel first: reductions along the contiguous channel axis, which run far faster
-# than reducing [N, S, G, C/G] over S and C/G at once. Per-channel values [N, 1, C] then become
-# group means by a reshape to [N, G, C/G], a small reduction and a broadcast back to the channels,
-# which costs less than a matrix product with a group matrix, both as TensorFlow ops and in XLA.
-
-def _group_mean(per_channel, groups):
-    """[N, 1, C] -> [N, 1, C]: every channel gets the mean of its group's values."""
-    channels = per_channel.shape[-1]
-    grouped = tf.reshape(per_channel, [-1, groups, channels // groups])
-    means = tf.reduce_mean(grouped, axis=2, keepdims=True)
-    return tf.reshape(tf.broadcast_to(means, tf.shape(grouped)), [-1, 1, channels])
-
-
-def _positions_by_channels(tensor):
-    """[N, ..., C] -> [N, S, C]."""
-    positions = tensor.shape[1:-1].num_elements()
-    shape = [-1, positions, tensor.shape[-1]] if positions is not None else \
-        [tf.shape(tensor)[0], -1, tensor.shape[-1]]
-    return tf.reshape(tensor, shape)
-
-
-def _as_positions_by_channels(tensor):
-    """[N, ..., C] -> float32 [N, S, C]."""
-    return tf.cast(_positions_by_channels(tensor), tf.float32)
-
-
-def _group_norm_forward(inputs, gamma, beta, groups, epsilon):
-    """Returns (outputs in the input dtype, mean and 1 / std, each [N, 1, C]). Two passes over the
-    input for the statistics (the mean, then the centered variance, which unlike E[x^2] - E[x]^2
-    keeps its precision when the mean is large) and one multiply-add to normalize."""
-    x = _as_positions_by_channels(inputs)
-    mean = _group_mean(tf.reduce_mean(x, axis=1, keepdims=True), groups)
-    variance = _group_mean(tf.reduce_mean(tf.square(x - mean), axis=1, keepdims=True), groups)
-    rstd = tf.math.rsqrt(variance + epsilon)
-    scale = rstd * gamma
-    outputs = x * scale + (beta - mean * scale)
-    return tf.cast(tf.reshape(outputs, tf.shape(inputs)), inputs.dtype), mean, rstd
-
-
-def _group_norm_backward(d_outputs, inputs, gamma, mean, rstd, groups):
-    """Gradients (inputs, gamma, beta) in closed form. With x_hat = (x - mean) * rstd, g = gamma,
-    dy the output gradient and <.> the mean over a group's positions and channels:
-
-        dx = rstd * (g * dy - <g * dy> - x_hat * <g * dy * x_hat>)
-
-    which is dy * a + x * b + c with a, b, c per (example, channel). One pass reading dy and x
-    gathers the per-channel sums of dy and dy * x that all of them need, one more writes dx."""
-    x = _as_positions_by_channels(inputs)
-    dy = _as_positions_by_channels(d_outputs)
-    positions = x.shape[1] or tf.cast(tf.shape(x)[1], tf.float32)
-    sum_dy = tf.reduce_sum(dy, axis=1, keepdims=True)
-    sum_dy_x_hat = rstd * (tf.reduce_sum(dy * x, axis=1, keepdims=True) - mean * sum_dy)
-    mean_g_dy = _group_mean(gamma * sum_dy, groups) / positions
-    mean_g_dy_x_hat = _group_mean(gamma * sum_dy_x_hat, groups) / positions
-    a = rstd * gamma
-    b = -rstd * rstd * mean_g_dy_x_hat
-    c = rstd * (mean * rstd * mean_g_dy_x_hat - mean_g_dy)
-    d_inputs = dy * a + x * b + c
-    return (tf.cast(tf.reshape(d_inputs, tf.shape(inputs)), inputs.dtype),
-            tf.reduce_sum(sum_dy_x_hat, axis=[0, 1]), tf.reduce_sum(sum_dy, axis=[0, 1]))
-
-
-# Launching an XLA computation costs about 0.1 ms on a CPU: it pays off from about 128K elements
-# (a [32, 2, 2, 512] tensor runs faster as ordinary TensorFlow ops, a [32, 4, 4, 256] one compiled).
-XLA_MIN_ELEMENTS = 1 << 17
-_KERNELS = (_group_norm_forward, _group_norm_backward)
-
-
-def _compiled(kernel):
-    """`kernel` compiled by XLA, one per layer so that each traces only its own input shapes (one
-    per batch size). TensorFlow counts traces per code object and warns after five, which a net
-    with five GN layers of different shapes would reach sharing one function; a partial has no
-    code object of its own, so each layer's traces are counted apart."""
-    return tf.function(functools.partial(kernel), jit_compile=True, autograph=False)
-
-
-# The same two kernels as C++ ops (kernels/group_norm.cc): one op per direction instead of about
-# twenty, which matters most at small sizes (a batch-2 step), where launching an op costs more
-# than its arithmetic. Their statistics are [N, G] rather than [N, 1, C].
-CPP_KERNEL_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
-
-
-def gpu_visible():
-    """Whether TensorFlow places ops on a GPU by default here."""
-    return bool(tf.config.list_logical_devices("GPU"))
-
-
-def cpp_kernels_usable():
-    """True when the C++ kernels are built, not switched off (GN_CPP_KERNELS=0, to compare them
-    with the TensorFlow-op kernels) and no GPU would have to hand its tensors to them."""
-    return (not _switched_off("GN_CPP_KERNELS") and not gpu_visible()
-            and kernels.group_norm_library() is not None)
-
-
-def _in_xla_function():
-    """True while tracing a function that XLA compiles whole (`jit_compile=True`), which cannot
-    hold the C++ ops. TensorFlow has no public test for this; Keras 2 used the same one."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _cpp_forward(inputs, gamma, beta, groups, epsilon):
-    outputs, mean, rstd = kernels.group_norm_library().gn_group_norm(
-        _positions_by_channels(inputs), gamma, beta, groups=groups, epsilon=epsilon)
-    return tf.reshape(outputs, tf.shape(inputs)), mean, rstd
-
-
-def _cpp_backward(d_outputs, inputs, gamma, mean, rstd, groups):
-    d_inputs, d_gamma, d_beta = kernels.group_norm_library().gn_group_norm_grad(
-        _positions_by_channels(d_outputs), _positions_by_channels(inputs), gamma, mean, rstd,
-        groups=groups)
-    return tf.reshape(d_inputs, tf.shape(inputs)), d_gamma, d_beta
-
-
-_CPP_KERNELS = (_cpp_forward, _cpp_backward)
-
-
-@tf.RegisterGradient("GnGroupNormGrad")
-def _cpp_backward_gradient(op, *output_gradients):
-    """Second-order gradients (a gradient penalty, Hessian-vector products) are not written for
-    the C++ kernels; the TensorFlow-op kernels differentiate their backward pass by autodiff."""
-    raise NotImplementedError(
-        "second-order gradients through GroupNorm's C++ kernels are not implemented; set "
-        "GN_CPP_KERNELS=0 to use its TensorFlow-op kernels, which support them")
 
 
 @keras.saving.register_keras_serializable(package="gn")

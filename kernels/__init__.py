@@ -4,7 +4,8 @@ The shared library is built once with the C++ compiler ($CXX, else g++) and Tens
 compile and link flags, and cached as build/group_norm-<hash>.so in the repository; the hash covers
 the source, TensorFlow's version and the flags, so a change to any of them builds a new one. When
 no compiler is found or the build fails, `group_norm_library()` logs one warning and returns None,
-and GroupNorm runs its TensorFlow-op kernels instead (same numbers, slower).
+and GroupNorm runs its TensorFlow-op kernels instead (same numbers, slower). Those, the plain
+reference and the calls into the C++ ops are group_norm.py.
 """
 import functools
 import glob

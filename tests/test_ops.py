@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import ops
+from kernels import group_norm as gn_compute
 
 EPS = 1e-5
 
@@ -611,12 +612,12 @@ def gn_kernels(request, monkeypatch):
             pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
     else:
         monkeypatch.setenv("GN_CPP_KERNELS", "0")
-    group_norm_fast = ops._group_norm_fast
+    group_norm_fast = gn_compute.fast
 
     def checked(inputs, gamma, beta, groups, epsilon, kernels):
-        assert (kernels is ops._CPP_KERNELS) == (request.param == "cpp")
+        assert (kernels is gn_compute.CPP_KERNELS) == (request.param == "cpp")
         return group_norm_fast(inputs, gamma, beta, groups, epsilon, kernels)
-    monkeypatch.setattr(ops, "_group_norm_fast", checked)
+    monkeypatch.setattr(gn_compute, "fast", checked)
     return request.param
 
 
@@ -652,7 +653,7 @@ def test_fast_conv2d_equals_plain_path(policy, rtol, monkeypatch):
 def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
     def refuse(*args):
         raise AssertionError("fast path used")
-    monkeypatch.setattr(ops, "_group_norm_fast", refuse)
+    monkeypatch.setattr(gn_compute, "fast", refuse)
     monkeypatch.setattr(ops.Conv2D, "_patches_times_kernel", refuse)
     layer, conv = ops.GroupNorm(4), ops.Conv2D(8, 4, strides=2)
     x = tf.random.normal([2, 4, 4, 8])
