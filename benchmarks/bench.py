@@ -125,10 +125,10 @@ def _seconds(fn, repeats):
 def norm_layers(channels, policy):
     return {
         "batch (keras)": keras.layers.BatchNormalization(epsilon=1e-5, dtype=policy),
-        "group (ours)": ops.GroupNorm(GROUPS, dtype=policy),
+        "group (ours)": ops.GroupNorm(GROUPS, epsilon=1e-5, dtype=policy),
         "group (keras)": keras.layers.GroupNormalization(GROUPS, epsilon=1e-5, dtype=policy),
-        "layer (ours)": ops.GroupNorm(1, dtype=policy),
-        "instance (ours)": ops.GroupNorm(channels, dtype=policy),
+        "layer (ours)": ops.GroupNorm(1, epsilon=1e-5, dtype=policy),
+        "instance (ours)": ops.GroupNorm(channels, epsilon=1e-5, dtype=policy),
     }
 
 
