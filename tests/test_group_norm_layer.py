@@ -175,7 +175,7 @@ def test_constraints_apply_after_an_optimizer_update():
 
 # Masking ------------------------------------------------------------------------------------------
 
-def test_a_mask_passes_through_and_stays_out_of_the_statistics():
+def test_a_mask_passes_through_and_masked_positions_count_as_in_keras():
     """As in Keras's layer: the output carries the input's mask; masked positions are normalized
     with the others and count in the statistics."""
     x = _input((2, 5, 4))
