@@ -16,7 +16,8 @@
                    build on; keras.saving.load_model opens it where this repo is importable (its
                    layers are the repo's).
     labels.txt     the class names, one per line, in class order.
-    export.json    what was exported: checkpoint, step, image shape, class names, files.
+    export.json    what was exported: checkpoint, step, image shape, class names, the share of
+                   an image's shorter side the run's evaluation crop keeps, files.
 
 GroupNorm, Conv2D and LeakyReLU are traced with plain TensorFlow ops (ops.plain_ops()); BN uses its
 moving statistics. Before anything is written, every format is checked against the checkpoint's
@@ -141,7 +142,7 @@ READERS = {"saved_model": saved_model_probabilities, "tflite": tflite_probabilit
 
 
 def open_export(path):
-    """(uint8 images -> probabilities, image shape, class names) of an export: the directory
+    """(uint8 images -> probabilities, `runs.network_shape`) of an export: the directory
     export.py wrote (its SavedModel is read, or else its first other format) or one of the files
     in it."""
     folder = path if os.path.isfile(os.path.join(path, "export.json")) else \
@@ -160,7 +161,7 @@ def open_export(path):
                          "export the run again")
     named = [name for name, file in files.items() if os.path.samefile(file, path)]
     name = (named or list(files))[0]
-    return READERS[name](files[name]), tuple(info["image_shape"]), info["class_names"]
+    return READERS[name](files[name]), runs.network_shape(info)
 
 
 def quiet_unless_verbose():
@@ -222,7 +223,8 @@ def main(argv=None):
         util.write_json(os.path.join(folder, "export.json"), {
             "checkpoint": prefix, "step": util.checkpoint_step(prefix), "model": config["model"],
             "norm_type": config["norm_type"], "dataset": config["dataset"],
-            "image_shape": list(shape.image_shape), "class_names": shape.class_names,
+            "image_shape": list(shape.image_shape), "num_classes": shape.num_classes,
+            "class_names": shape.class_names, "central_fraction": shape.central_fraction,
             "files": {name: os.path.relpath(path, folder) for name, path in files.items()},
             "largest_probability_difference": differences})
     for name, path in files.items():

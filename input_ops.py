@@ -35,6 +35,12 @@ def load(name, data_dir):
     return spec, hdf5_format.read_dataset(path, spec)
 
 
+def central_fraction(data):
+    """The share of an image's shorter side that the evaluation crop keeps: CENTRAL_FRACTION for
+    files streamed at their own sizes, 1 for images stored at the network's size."""
+    return CENTRAL_FRACTION if isinstance(data, image_tree.ImageTree) else 1.0
+
+
 def train_dataset(data, batch_size, seed, augment, share=None):
     """Endless shuffled train batches. `augment` adds a random horizontal flip and a random crop:
     after 4 px padding for images in memory, a random-resized crop for streamed files (which

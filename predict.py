@@ -5,9 +5,12 @@
 
 Reads PNG, JPEG, BMP and GIF files (a GIF's first frame); a folder means every such file under it.
 Each image becomes what the network takes: gray or RGB as the network's channels (RGB to gray by
-ITU-R 601 luma, an alpha channel dropped), and, if its size differs, its shorter side resized to
-the network's size, then the central square (or rectangle) cropped. The network sees what it was
-trained on: a Fashion-MNIST network knows light garments on a black background.
+ITU-R 601 luma, an alpha channel dropped), and the run's evaluation crop. For a run on images
+stored at the network's size (MNIST, CIFAR, ...) an image of another size has its shorter side
+resized to the network's size and its centre cropped; for a run on files streamed at their own
+sizes (ImageNet) every image's shorter side becomes the size / 0.875 (256 px for 224) before the
+central crop, as in evaluation. The network sees what it was trained on: a Fashion-MNIST network
+knows light garments on a black background.
 
 Prints the top-k classes with their probabilities per image, or with --json one object:
 {"model": ..., "predictions": [{"file": ..., "top_k": [{"class", "index", "probability"}]}]}.
@@ -85,13 +88,12 @@ def image_files(arguments):
 
 
 def load_classifier(args):
-    """(uint8 images -> probabilities, image shape, class names, what was loaded)."""
+    """(uint8 images -> probabilities, `runs.network_shape`, what was loaded)."""
     if args.model:
         return (*export.open_export(args.model), args.model)
     prefix, _, shape, model = runs.restore_run(args.checkpoint, args.data_dir)
     serve = tf.function(export.serving_function(model), reduce_retracing=True)
-    return (lambda images: serve(tf.constant(images))["probabilities"].numpy(),
-            shape.image_shape, shape.class_names, prefix)
+    return lambda images: serve(tf.constant(images))["probabilities"].numpy(), shape, prefix
 
 
 def read_image(path):
@@ -121,13 +123,14 @@ def to_channels(image, channels):
     return tf.saturate_cast(tf.round(gray), tf.uint8).numpy(), True
 
 
-def to_size(image, size):
-    """Resizes (area-preserving antialiasing) so that the image covers `size` with its shorter
-    side, then crops the centre; returns (image, whether it was resized)."""
+def to_size(image, size, central_fraction=1.0):
+    """The run's evaluation crop: resized (with antialiasing) so that `size` covers
+    `central_fraction` of its shorter side, then the centre cropped; returns (image, whether it
+    was resized). An image of the network's size is taken as it is where the fraction is 1."""
     height, width = image.shape[:2]
-    if (height, width) == tuple(size):
+    if (height, width) == tuple(size) and central_fraction == 1:
         return image, False
-    scale = max(size[0] / height, size[1] / width)
+    scale = max(size[0] / height, size[1] / width) / central_fraction
     resized_shape = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
     resized = tf.image.resize(image, resized_shape, antialias=True)
     top, left = (resized_shape[0] - size[0]) // 2, (resized_shape[1] - size[1]) // 2
@@ -135,17 +138,17 @@ def to_size(image, size):
     return tf.saturate_cast(tf.round(crop), tf.uint8).numpy(), True
 
 
-def prepare_images(files, image_shape):
-    """The images as the network takes them, [N, H, W, C] uint8, saying once on stderr how many
-    were converted or resized."""
+def prepare_images(files, shape):
+    """The images as the network of `shape` (`runs.network_shape`) takes them, [N, H, W, C]
+    uint8, saying once on stderr how many were converted or resized."""
     images, converted, resized = [], 0, 0
+    height, width, channels = shape.image_shape
     for path in tqdm(files, desc="reading images", leave=False, disable=None):
-        image, was_converted = to_channels(read_image(path), image_shape[2])
-        image, was_resized = to_size(image, image_shape[:2])
+        image, was_converted = to_channels(read_image(path), channels)
+        image, was_resized = to_size(image, (height, width), shape.central_fraction)
         images.append(image)
         converted += was_converted
         resized += was_resized
-    height, width, channels = image_shape
     kind = "RGB" if channels == 3 else "grayscale"
     if converted:
         print(f"note: {converted} of {len(files)} images converted to {kind}, as the network "
@@ -174,12 +177,12 @@ def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
     files = image_files(args.images)
-    probabilities, image_shape, class_names, source = load_classifier(args)
-    if args.top_k > len(class_names):
-        raise UsageError(f"--top_k {args.top_k} exceeds the {len(class_names)} classes the "
+    probabilities, shape, source = load_classifier(args)
+    if args.top_k > shape.num_classes:
+        raise UsageError(f"--top_k {args.top_k} exceeds the {shape.num_classes} classes the "
                          "network tells apart")
-    images = prepare_images(files, image_shape)
-    results = [{"file": path, "top_k": top_classes(p, class_names, args.top_k)}
+    images = prepare_images(files, shape)
+    results = [{"file": path, "top_k": top_classes(p, shape.class_names, args.top_k)}
                for path, p in zip(files, classify(probabilities, images, args.batch_size))]
     if args.json:
         print(json.dumps({"model": source, "predictions": results}))

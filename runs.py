@@ -29,14 +29,18 @@ def restore_run(checkpoint, data_dir=None):
 
 
 def network_shape(config, data_dir=None):
-    """The run's image_shape, num_classes and class_names (a namespace)."""
+    """What the network of a run's config.json (or of an export's export.json) takes and tells
+    apart, a namespace: image_shape, num_classes, class_names, and the central_fraction of an
+    image's shorter side that its evaluation crop keeps."""
     if "class_names" not in config:
         _, data = input_ops.load(config["dataset"], data_dir or config["data_dir"])
         config = {**config, "image_shape": list(data.image_shape),
-                  "num_classes": data.num_classes, "class_names": list(data.class_names)}
+                  "num_classes": data.num_classes, "class_names": list(data.class_names),
+                  "central_fraction": input_ops.central_fraction(data)}
     return types.SimpleNamespace(image_shape=tuple(config["image_shape"]),
                                  num_classes=config["num_classes"],
-                                 class_names=list(config["class_names"]))
+                                 class_names=list(config["class_names"]),
+                                 central_fraction=config["central_fraction"])
 
 
 def restore_model(prefix, config, data, strategy=None):

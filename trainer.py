@@ -613,6 +613,7 @@ def record_setup(config, trainer):
     config.image_shape = list(trainer.data.image_shape)
     config.num_classes = trainer.data.num_classes
     config.class_names = list(trainer.data.class_names)
+    config.central_fraction = input_ops.central_fraction(trainer.data)
     config.replicas = trainer.share.replicas
     config.workers = trainer.share.workers
     config.strategy_class = distribution.strategy_name(trainer.strategy)

@@ -125,6 +125,7 @@ def test_export_directory(exported, sample):
         info = json.load(f)
     assert info["checkpoint"] == tf.train.latest_checkpoint(run_dir) and info["step"] == 6
     assert info["image_shape"] == [28, 28, 1] and info["class_names"] == sample.class_names
+    assert info["num_classes"] == 10 and info["central_fraction"] == 1
     assert info["files"] == {"saved_model": "saved_model", "tflite": "model.tflite",
                              "keras": "model.keras"}
     assert all(0 <= d < 1e-4 for d in info["largest_probability_difference"].values())
@@ -225,6 +226,10 @@ def test_image_conversions():
     crop, resized = predict.to_size(wide, (5, 5))
     assert resized and crop.shape == (5, 5, 1)
     assert (crop[:, 1:4] == 200).all() and (crop > 150).all()  # antialiasing blends the edges
+    framed = np.zeros((10, 10, 1), np.uint8)
+    framed[3:7, 3:7] = 100  # a streamed run: the shorter side becomes 4 / 0.4 = 10 px, 4 kept
+    crop, resized = predict.to_size(framed, (4, 4), central_fraction=0.4)
+    assert resized and (crop == 100).all()
 
 
 def test_predict_refuses_an_undecodable_file(exported, tmp_path, capsys):

@@ -265,7 +265,9 @@ def test_train_continue_and_evaluate_on_imagenet(tree_root, tmp_path, capsys):
     (run_dir,) = glob.glob(str(train_dir / "*"))
     assert os.path.basename(run_dir).startswith("default-ImageNet_lr_0.001_bs_2_norm_type_group")
     with open(os.path.join(run_dir, "config.json")) as f:
-        assert json.load(f)["augment"] is True  # ImageNet's default
+        config = json.load(f)
+    assert config["augment"] is True  # ImageNet's default
+    assert config["central_fraction"] == 0.875  # predict.py crops as evaluation does
     assert tf.train.latest_checkpoint(run_dir).endswith("model-3")
 
     trainer.main([*flags, "--max_training_step", "4", "--checkpoint", run_dir])
