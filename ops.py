@@ -236,8 +236,9 @@ class BatchNorm(keras.layers.BatchNormalization):
     the activations forward and more backward; TensorFlow's fused kernel (FusedBatchNormV3 and
     its registered gradient, FusedBatchNormGradV3) does the statistics and the normalization in
     one op each way. On a 2-core CPU, forward + backward on [32, 32, 32, 64] and
-    [8, 56, 56, 256] take 0.65-0.8x the time of Keras's computation in float32 and about 0.5x
-    in bfloat16, within a few percent of the bare kernel. The arguments, the variables
+    [8, 56, 56, 256] take about 0.7x the time of Keras's computation in float32 and 0.5x in
+    bfloat16 (on [2, 16, 16, 512], where the cost per op dominates, 0.95x), within a few
+    percent of the bare kernel. The arguments, the variables
     (gamma, beta, moving_mean, moving_variance: the same names, order and dtypes, so checkpoints
     written with Keras's layer restore), the configuration and the semantics are Keras's: in
     training (`training=True` and the layer trainable) the batch statistics normalize and
