@@ -9,7 +9,8 @@
 Sections:
   norm     normalization layers, forward + backward, over keras BatchNormalization (which in Keras
            3 is tf.nn.moments + tf.nn.batch_normalization, not a fused kernel) on three shapes, in
-           float32 and bfloat16
+           float32 and bfloat16; beside it ops.BatchNorm, TensorFlow's fused kernel
+           (FusedBatchNormV3), which --norm_type batch trains with
   step     one training step (forward, backward, Adam) of each model with BN and GN at batch 2 and
            32: ms, images/s, GN / BN, and step / forward-only
   input    the tf.data pipeline from an HDF5 file: images/s, and the fraction of a training step
@@ -70,6 +71,7 @@ TARGETS = [  # (name, limit)
     ("input wait fraction, 32x32x3 crop+flip", 0.05),
     ("peak RSS / (1.5 x data + footprint), Tiny-ImageNet-sized file", 1.0),
     ("seconds from the HDF5 read to the first update, Tiny-ImageNet-sized file", 5.0),
+    ("GN / fused BN layer, float32, worst of the three shapes", 0.9),
 ]
 
 
@@ -125,6 +127,7 @@ def _seconds(fn, repeats):
 def norm_layers(channels, policy):
     return {
         "batch (keras)": keras.layers.BatchNormalization(epsilon=1e-5, dtype=policy),
+        "batch (ours, fused)": ops.BatchNorm(epsilon=1e-5, dtype=policy),
         "group (ours)": ops.GroupNorm(GROUPS, epsilon=1e-5, dtype=policy),
         "group (keras)": keras.layers.GroupNormalization(GROUPS, epsilon=1e-5, dtype=policy),
         "layer (ours)": ops.GroupNorm(1, epsilon=1e-5, dtype=policy),
@@ -160,6 +163,8 @@ def bench_norm(rounds, seconds):
                          "over_bn": {name: ratio(times, [name], ["batch (keras)"])
                                      for name in times},
                          "gn_over_bn": ratio(times, ["group (ours)"], ["batch (keras)"]),
+                         "gn_over_fused_bn": ratio(times, ["group (ours)"],
+                                                   ["batch (ours, fused)"]),
                          "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"])})
     return rows
 
@@ -168,11 +173,12 @@ def print_norm(rows):
     names = list(rows[0]["ms"])
     print("Normalization layer, forward + backward: ms (ratio to keras BatchNormalization)")
     print(f"  {'dtype':9}{'shape':18}" + "".join(f"{name:>22}" for name in names)
-          + f"{'GN/keras GN':>13}")
+          + f"{'GN/fused BN':>13}{'GN/keras GN':>13}")
     for row in rows:
         cells = "".join(f"{f'{ms:.2f} ({over_bn:.2f}x)':>22}"
                         for ms, over_bn in zip(row["ms"].values(), row["over_bn"].values()))
-        print(f"  {row['dtype']:9}{str(row['shape']):18}{cells}{row['gn_over_keras_gn']:>12.2f}x")
+        print(f"  {row['dtype']:9}{str(row['shape']):18}{cells}{row['gn_over_fused_bn']:>12.2f}x"
+              f"{row['gn_over_keras_gn']:>12.2f}x")
 
 
 # Training steps ---------------------------------------------------------------------------------
@@ -443,6 +449,7 @@ def target_values(results):
                                      if r["shape"] == [32, 32, 32, 64])
         values[TARGETS[1][0]] = next(r["gn_over_keras_gn"] for r in float32
                                      if r["shape"] == [8, 56, 56, 256])
+        values[TARGETS[7][0]] = max(r["gn_over_fused_bn"] for r in float32)
     if "step" in results:
         ratios = [r["gn_over_bn"] for r in results["step"] if r["model"] in ("conv", "resnet20")]
         conv32 = [r["step_over_forward"] for r in results["step"]
