@@ -1,9 +1,9 @@
 // Group Normalization forward and backward as two CPU kernels.
 //
-// The graph-op version of GN (ops.py, _group_norm_forward / _group_norm_backward) is about twenty
-// small TensorFlow ops per direction; at the sizes of a batch-2 step each op costs more to launch
-// than to run. Here each direction is one op that reads the input once per statistic and writes
-// the output once. The input is viewed as [N, S, C] (S = positions), channels contiguous; groups
+// The graph-op version of GN (group_norm.py, forward / backward) is about twenty small
+// TensorFlow ops per direction; at the sizes of a batch-2 step each op costs more to launch than
+// to run. Here each direction is one op that reads its inputs twice (once for the statistics, once
+// to write the output) and writes the output once. The input is viewed as [N, S, C] (S = positions), channels contiguous; groups
 // are runs of C / G channels. Work is split over (example, block of whole groups), so small
 // batches of large maps still use every core. Statistics are float32 (accumulated in float over
 // blocks of rows and in double across them); inputs and outputs are float32, bfloat16 or float16.
@@ -119,11 +119,26 @@ void ChannelSums(const Lines& lines, int64_t sums_count, AddLine add, std::vecto
       (*sums)[k * lines.channel_width + j % lines.channel_width] += line_sums[k * lines.width + j];
 }
 
-// The sum of group g's per-channel sums (channels g * group_width onwards).
-double GroupTotal(const std::vector<double>& sums, int64_t g, int64_t group_width) {
+struct GroupMoments {
+  double mean, variance;
+};
+
+// Group g's mean and (biased) variance from its channels' sums of d = x - shift[c] and of d * d
+// over `positions` rows (`sums` = [sum d | sum d * d], `width` channels each): per channel,
+// sum (x - mean)^2 = sum d^2 + 2 (shift - mean) sum d + positions (shift - mean)^2.
+GroupMoments Moments(const std::vector<double>& sums, const std::vector<float>& shift, int64_t g,
+                     int64_t group_width, int64_t width, int64_t positions) {
+  const double group_size = static_cast<double>(positions * group_width);
   double total = 0;
-  for (int64_t c = g * group_width; c < (g + 1) * group_width; ++c) total += sums[c];
-  return total;
+  for (int64_t c = g * group_width; c < (g + 1) * group_width; ++c)
+    total += sums[c] + positions * static_cast<double>(shift[c]);
+  const double mean = total / group_size;
+  double squares = 0;
+  for (int64_t c = g * group_width; c < (g + 1) * group_width; ++c) {
+    const double offset = shift[c] - mean;
+    squares += sums[width + c] + 2 * offset * sums[c] + positions * offset * offset;
+  }
+  return {mean, std::max(0.0, squares / group_size)};
 }
 
 // Shape of the work: N examples, S positions, C channels in G groups of `group_width`; one work
@@ -201,38 +216,35 @@ class GroupNormOp : public OpKernel {
     float* rstd_out = rstd_tensor->flat<float>().data();
     const float epsilon = epsilon_;
 
-    layout.ForEachUnit(context, 3, [&](int64_t example, int64_t first_group, int64_t count) {
+    layout.ForEachUnit(context, 2, [&](int64_t example, int64_t first_group, int64_t count) {
       const int64_t begin = first_group * layout.group_width, width = count * layout.group_width;
       const int64_t C = layout.channels, S = layout.positions, gw = layout.group_width;
       const T* x = x_all + example * S * C + begin;
       T* y = y_all + example * S * C + begin;
       const Lines lines(S, width, C);
-      const double group_size = static_cast<double>(S * gw);
-      std::vector<double> sums;
-      std::vector<float> center(width), scale(width), offset(width);
+      std::vector<double> sums;  // [sum d | sum d * d] per channel
+      std::vector<float> scale(width), offset(width);
 
-      ChannelSums(lines, 1, [&](int64_t i, int64_t length, float* acc) {
+      // Both statistics in one pass: per-channel sums of d = x - shift and of d * d, the shift
+      // being the channel's value at the first position. Centred on a value of its own channel,
+      // d stays on the scale of the spread, so the variance keeps the precision of a centred
+      // one when the mean is large, as E[x^2] - E[x]^2 would not.
+      std::vector<float> shift(width);
+      for (int64_t c = 0; c < width; ++c) shift[c] = static_cast<float>(x[c]);
+      const std::vector<float> shift_line = lines.Tiled(shift);
+      ChannelSums(lines, 2, [&](int64_t i, int64_t length, float* acc) {
         const T* line = x + i * lines.stride;
-        for (int64_t j = 0; j < length; ++j) acc[j] += static_cast<float>(line[j]);
-      }, &sums);
-      for (int64_t g = 0; g < count; ++g) {
-        std::fill(center.begin() + g * gw, center.begin() + (g + 1) * gw,
-                  GroupTotal(sums, g, gw) / group_size);
-      }
-      // The centered variance: unlike E[x^2] - E[x]^2, it keeps its precision when the mean is
-      // large.
-      const std::vector<float> center_line = lines.Tiled(center);
-      ChannelSums(lines, 1, [&](int64_t i, int64_t length, float* acc) {
-        const T* line = x + i * lines.stride;
+        float* acc_squares = acc + lines.width;
         for (int64_t j = 0; j < length; ++j) {
-          const float d = static_cast<float>(line[j]) - center_line[j];
-          acc[j] += d * d;
+          const float d = static_cast<float>(line[j]) - shift_line[j];
+          acc[j] += d;
+          acc_squares[j] += d * d;
         }
       }, &sums);
       for (int64_t g = 0; g < count; ++g) {
-        const float mean = center[g * gw];
-        const float variance = static_cast<float>(GroupTotal(sums, g, gw) / group_size);
-        const float rstd = 1.0f / std::sqrt(variance + epsilon);
+        const GroupMoments moments = Moments(sums, shift, g, gw, width, S);
+        const float mean = static_cast<float>(moments.mean);
+        const float rstd = 1.0f / std::sqrt(static_cast<float>(moments.variance) + epsilon);
         mean_out[example * layout.groups + first_group + g] = mean;
         rstd_out[example * layout.groups + first_group + g] = rstd;
         for (int64_t c = g * gw; c < (g + 1) * gw; ++c) {
