@@ -32,7 +32,7 @@ def network_shape(config, data_dir=None):
     """What the network of a run's config.json (or of an export's export.json) takes and tells
     apart, a namespace: image_shape, num_classes, class_names, and the central_fraction of an
     image's shorter side that its evaluation crop keeps."""
-    if "class_names" not in config:
+    if "central_fraction" not in config:  # a config.json from before these were recorded
         _, data = input_ops.load(config["dataset"], data_dir or config["data_dir"])
         config = {**config, "image_shape": list(data.image_shape),
                   "num_classes": data.num_classes, "class_names": list(data.class_names),
