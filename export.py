@@ -47,6 +47,8 @@ from util import UsageError, log
 FORMATS = ("saved_model", "tflite", "keras")
 TOLERANCE = {"saved_model": 1e-5, "tflite": 1e-4, "keras": 1e-5}
 CHECK_IMAGES = 8
+# What predict.py reads from export.json.
+EXPORT_KEYS = ("files", "image_shape", "num_classes", "class_names", "central_fraction")
 
 
 def parse_args(argv=None):
@@ -153,6 +155,10 @@ def open_export(path):
                          "model.keras")
     with open(os.path.join(folder, "export.json")) as f:
         info = json.load(f)
+    missing = [key for key in EXPORT_KEYS if key not in info]
+    if missing:
+        raise UsageError(f"--model {path}: its export.json lacks {', '.join(missing)} — export "
+                         "the run again")
     files = {name: os.path.join(folder, info["files"][name])
              for name in FORMATS if name in info["files"]}
     files = {name: file for name, file in files.items() if os.path.exists(file)}

@@ -173,7 +173,7 @@ def test_predict_matches_the_checkpoint(source, exported, image_files, capsys):
     folder, files, pixels = image_files
     model = {"checkpoint": ["--checkpoint", run_dir], "saved_model": ["--model", export_dir],
              "tflite": ["--model", os.path.join(export_dir, "model.tflite")]}[source]
-    predict.main([*model, folder, "--top_k", "3", "--json"])
+    predict.main([*model, folder, "--top_k", "3", "--json", "--batch_size", "8"])  # 8, 8, 4
     output = json.loads(capsys.readouterr().out)
     source_named = tf.train.latest_checkpoint(run_dir) if source == "checkpoint" else model[1]
     assert output["model"] == source_named
@@ -242,3 +242,15 @@ def test_predict_refuses_an_undecodable_file(exported, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path / 'broken.png'} cannot be read as an image (not a PNG, JPEG, BMP or "
         "GIF file, or a damaged one) — pass image files")
+
+
+def test_predict_refuses_an_export_json_without_what_it_reads(tmp_path, capsys):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "export.json").write_text(json.dumps({"files": {}}))
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        predict.util.run_cli(lambda: predict.main(["--model", str(tmp_path / "export"),
+                                                   str(tmp_path / "a.png")]))
+    assert capsys.readouterr().err.strip() == (
+        f"error: --model {tmp_path / 'export'}: its export.json lacks image_shape, num_classes, "
+        "class_names, central_fraction — export the run again")
