@@ -53,7 +53,7 @@ def parse_args(argv=None):
                         help="how many classes to list per image (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument("--batch_size", type=int, default=64,
-                        help="images per forward pass (default: %(default)s)")
+                        help="images read and classified at a time (default: %(default)s)")
     parser.add_argument("--data_dir", default=None,
                         help="with --checkpoint: where the run's dataset lives, read only for runs "
                              "whose config.json does not record their image shape and class names")
@@ -138,32 +138,36 @@ def to_size(image, size, central_fraction=1.0):
     return tf.saturate_cast(tf.round(crop), tf.uint8).numpy(), True
 
 
-def prepare_images(files, shape):
-    """The images as the network of `shape` (`runs.network_shape`) takes them, [N, H, W, C]
-    uint8, saying once on stderr how many were converted or resized."""
-    images, converted, resized = [], 0, 0
+def prepare_image(path, shape):
+    """(the image at `path` as the network of `shape` (`runs.network_shape`) takes it, uint8
+    [H, W, C]; whether its channels were converted; whether it was resized)."""
     height, width, channels = shape.image_shape
-    for path in tqdm(files, desc="reading images", leave=False, disable=None):
-        image, was_converted = to_channels(read_image(path), channels)
-        image, was_resized = to_size(image, (height, width), shape.central_fraction)
-        images.append(image)
-        converted += was_converted
-        resized += was_resized
-    kind = "RGB" if channels == 3 else "grayscale"
+    image, converted = to_channels(read_image(path), channels)
+    image, resized = to_size(image, (height, width), shape.central_fraction)
+    return image, converted, resized
+
+
+def classify(files, probabilities, shape, batch_size):
+    """The probabilities [N, classes] for `files`, read and classified `batch_size` at a time (so
+    that a folder of any size fits in memory), saying once on stderr how many images were
+    converted or resized."""
+    outputs, converted, resized = [], 0, 0
+    with tqdm(total=len(files), desc="classifying", leave=False, disable=None) as progress:
+        for start in range(0, len(files), batch_size):
+            images, batch_converted, batch_resized = zip(
+                *(prepare_image(path, shape) for path in files[start:start + batch_size]))
+            outputs.append(probabilities(np.stack(images)))
+            converted += sum(batch_converted)
+            resized += sum(batch_resized)
+            progress.update(len(images))
+    height, width, channels = shape.image_shape
     if converted:
-        print(f"note: {converted} of {len(files)} images converted to {kind}, as the network "
-              "takes", file=sys.stderr)
+        print(f"note: {converted} of {len(files)} images converted to "
+              f"{'RGB' if channels == 3 else 'grayscale'}, as the network takes", file=sys.stderr)
     if resized:
         print(f"note: {resized} of {len(files)} images resized to {height}x{width} (shorter "
               "side, then the centre)", file=sys.stderr)
-    return np.stack(images)
-
-
-def classify(probabilities, images, batch_size):
-    batches = range(0, len(images), batch_size)
-    return np.concatenate([probabilities(images[start:start + batch_size])
-                           for start in tqdm(batches, desc="classifying", leave=False,
-                                             disable=None)])
+    return np.concatenate(outputs)
 
 
 def top_classes(probabilities, class_names, k):
@@ -181,9 +185,8 @@ def main(argv=None):
     if args.top_k > shape.num_classes:
         raise UsageError(f"--top_k {args.top_k} exceeds the {shape.num_classes} classes the "
                          "network tells apart")
-    images = prepare_images(files, shape)
     results = [{"file": path, "top_k": top_classes(p, shape.class_names, args.top_k)}
-               for path, p in zip(files, classify(probabilities, images, args.batch_size))]
+               for path, p in zip(files, classify(files, probabilities, shape, args.batch_size))]
     if args.json:
         print(json.dumps({"model": source, "predictions": results}))
         return
