@@ -223,7 +223,7 @@ def main(argv=None):
     check_output(args.output)
     prefix, config, shape, model = runs.restore_run(args.checkpoint, args.data_dir)
     formats = [name for name in FORMATS if name in args.format]
-    with util.atomic_directory(args.output) as folder:
+    with util.atomic_path(args.output, directory=True) as folder:
         files = export(model, shape, formats, folder)
         differences = check_against_checkpoint(model, shape, files)
         util.write_json(os.path.join(folder, "export.json"), {

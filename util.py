@@ -116,36 +116,27 @@ def setup_logging():
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary name beside `path`; renames it to `path` only if the block succeeds,
-    so an interrupted write never leaves a file that looks complete."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yields a new temporary directory beside `path`, which must not exist; renames it to `path`
-    only if the block succeeds, else removes it."""
+def atomic_path(path, directory=False):
+    """Yields a temporary name beside `path` (a new empty directory when `directory`, for a
+    `path` that must not exist); renames it to `path` only if the block succeeds, else removes
+    it, so an interrupted write never leaves a file or folder that looks complete."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    names = dict(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    if directory:
+        tmp = tempfile.mkdtemp(**names)
+    else:
+        fd, tmp = tempfile.mkstemp(**names)
+        os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_current_umask())
-        os.rename(tmp, path)
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_current_umask())
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_writable_directory(path, flag):
