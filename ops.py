@@ -13,9 +13,10 @@ computed by TensorFlow's fused kernel where that applies.
 Conv2D is channels-last. No flags, no I/O.
 
 Fast paths (GroupNorm's C++ or compiled kernels, BatchNorm's fused kernel, Conv2D's patches
-product) give the same numbers as the plain TensorFlow ops; set the environment variable
-GN_FAST_OPS=0 to use the plain ops instead, or GN_CPP_KERNELS=0 to keep the fast paths but run
-GroupNorm's TensorFlow-op kernels.
+product and oneDNN gradients) give the same numbers as the plain TensorFlow ops; set the
+environment variable GN_FAST_OPS=0 to use the plain ops instead, GN_CPP_KERNELS=0 to keep the fast
+paths but run GroupNorm's TensorFlow-op kernels, or GN_ONEDNN_CONV=0 to keep TensorFlow's own
+convolution gradients.
 """
 import contextlib
 import numbers
@@ -25,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kernels import conv as conv_kernels
 from kernels import group_norm as gn_compute
 from kernels.group_norm import cpp_kernels_usable, gpu_visible, switched_off
 # Looked up in this module when the layer runs, where tests can watch it.
@@ -314,8 +316,8 @@ def _fused_batch_norm_inference(x, scale, offset, mean, variance, epsilon):
 
 @keras.saving.register_keras_serializable(package="gn")
 class Conv2D(keras.layers.Conv2D):
-    """Keras's Conv2D with 'same' padding, optional Weight Standardization, and a faster path for
-    small maps.
+    """Keras's Conv2D with 'same' padding, optional Weight Standardization, and faster paths for
+    small maps and for large float32 convolutions.
 
     Args:
         weight_std: standardize each output filter of the kernel to zero mean and unit variance
@@ -329,8 +331,11 @@ class Conv2D(keras.layers.Conv2D):
     no larger than the kernel, and on maps of at most 8x8 positions with 128 channels or more,
     this layer gathers the kernel-sized patches (one gather over the flattened map) and multiplies
     them by the kernel instead: the same numbers, forward and backward 2-40x faster there
-    (`_patches_matmul` says how the backward product is chosen). These were measured on a CPU;
-    where a GPU is visible the layer keeps TensorFlow's convolution (cuDNN).
+    (`_patches_matmul` says how the backward product is chosen). Large float32 convolutions (a
+    batch-32 ResNet-20's 3x3 convs) take their gradients from TensorFlow's oneDNN kernels, which
+    its own graph rewrite leaves unused (kernels/conv.py): 1.3-3x faster per gradient there.
+    These were measured on a CPU; where a GPU is visible the layer keeps TensorFlow's
+    convolution (cuDNN).
     """
 
     def __init__(self, filters, kernel_size, strides=1, weight_std=False, ws_epsilon=1e-5,
@@ -345,16 +350,28 @@ class Conv2D(keras.layers.Conv2D):
         if self.weight_std:
             mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
             kernel = (kernel - mean) * tf.math.rsqrt(variance + self.ws_epsilon)
-        if fast_ops_enabled() and not gpu_visible() and self._small_map(inputs):
-            return self._patches_times_kernel(inputs, kernel)
+        if fast_ops_enabled() and not gpu_visible() and self._plain_convolution():
+            if self._small_map(inputs):
+                return self._patches_times_kernel(inputs, kernel)
+            if self._onednn_gradients_pay(inputs, kernel):
+                return conv_kernels.conv2d(inputs, kernel, self.strides)
         return super().convolution_op(inputs, kernel)
 
+    def _plain_convolution(self):
+        """Channels last, undilated, ungrouped: what both fast paths handle."""
+        return (self.data_format == "channels_last" and self.groups == 1
+                and tuple(self.dilation_rate) == (1, 1))
+
+    def _onednn_gradients_pay(self, inputs, kernel):
+        """Whether this float32 convolution is large enough for the oneDNN gradients to be the
+        faster (kernels/conv.py), and they can run here."""
+        return (inputs.dtype == tf.float32 and kernel.dtype == tf.float32
+                and conv_kernels.pays_off(inputs.shape, kernel.shape, self.strides)
+                and not _in_xla_function() and conv_kernels.onednn_gradients_usable())
+
     def _small_map(self, inputs):
-        """Whether `inputs` is a known-size channels-last map no larger than the (plain,
-        undilated, ungrouped) kernel, or of at most 8x8 positions with >= 128 channels."""
-        if (self.data_format != "channels_last" or self.groups != 1
-                or tuple(self.dilation_rate) != (1, 1)):
-            return False
+        """Whether `inputs` is a known-size map no larger than the kernel, or of at most 8x8
+        positions with >= 128 channels."""
         height, width, channels = inputs.shape[1:]
         if not (height and width):
             return False

@@ -5,6 +5,7 @@
     python benchmarks/bench.py --sections norm step
     GN_FAST_OPS=0 python benchmarks/bench.py       # the same with the plain ops
     GN_CPP_KERNELS=0 python benchmarks/bench.py    # GroupNorm's TensorFlow-op kernels, not C++
+    GN_ONEDNN_CONV=0 python benchmarks/bench.py    # TensorFlow's own convolution gradients
 
 Sections:
   norm     normalization layers, forward + backward, over keras BatchNormalization (which in Keras
@@ -12,7 +13,9 @@ Sections:
            float32 and bfloat16; beside it ops.BatchNorm, TensorFlow's fused kernel
            (FusedBatchNormV3), which --norm_type batch trains with
   step     one training step (forward, backward, Adam) of each model with BN and GN at batch 2 and
-           32: ms, images/s, GN / BN, and step / forward-only
+           32: ms, images/s, GN / BN, and step / forward-only; where torch is importable, the same
+           step of `conv` and `resnet20` rebuilt in PyTorch (benchmarks/torch_step.py, in its own
+           process right after ours) and our time / PyTorch's
   input    the tf.data pipeline from an HDF5 file: images/s, and the fraction of a training step
            spent waiting for input
   convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
@@ -30,6 +33,7 @@ round.
 """
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import random
@@ -72,7 +76,10 @@ TARGETS = [  # (name, limit)
     ("peak RSS / (1.5 x data + footprint), Tiny-ImageNet-sized file", 1.0),
     ("seconds from the HDF5 read to the first update, Tiny-ImageNet-sized file", 5.0),
     ("GN / fused BN layer, float32, worst of the three shapes", 0.9),
+    ("train step / PyTorch's, conv and resnet20, BN and GN, batch 2 and 32 (worst)", 1.0),
 ]
+TORCH_STEP = os.path.join(REPO, "benchmarks", "torch_step.py")
+TORCH_MODELS = ("conv", "resnet20")
 
 
 def time_rounds(candidates, rounds, seconds_per_round):
@@ -232,23 +239,43 @@ def bench_step(models, rounds, seconds):
                 return [(norm_type, kind, instance) for instance in range(instances)]
             for norm_type in ("batch", "group"):
                 step_s = float(np.mean([typical[key] for key in keys(norm_type, "step")]))
-                rows.append({"model": model_name, "batch": batch_size, "norm": norm_type,
-                             "step_ms": 1000 * step_s, "images_per_s": batch_size / step_s,
-                             "step_over_forward": ratio(times, keys(norm_type, "step"),
-                                                        keys(norm_type, "forward")),
-                             "gn_over_bn": ratio(times, keys("group", "step"),
-                                                 keys("batch", "step"))})
+                row = {"model": model_name, "batch": batch_size, "norm": norm_type,
+                       "step_ms": 1000 * step_s, "images_per_s": batch_size / step_s,
+                       "step_over_forward": ratio(times, keys(norm_type, "step"),
+                                                  keys(norm_type, "forward")),
+                       "gn_over_bn": ratio(times, keys("group", "step"), keys("batch", "step"))}
+                if model_name in TORCH_MODELS and torch_importable():
+                    row["torch_ms"] = torch_step_ms(model_name, norm_type, batch_size, rounds,
+                                                    seconds)
+                    row["over_torch"] = row["step_ms"] / row["torch_ms"]
+                rows.append(row)
     return rows
+
+
+def torch_importable():
+    return importlib.util.find_spec("torch") is not None
+
+
+def torch_step_ms(model_name, norm_type, batch_size, rounds, seconds):
+    """PyTorch's median ms per step of the same net, timed in a process of its own: in ours,
+    two frameworks' thread pools would compete for the 2 cores."""
+    result = subprocess.run(
+        [sys.executable, TORCH_STEP, "--model", model_name, "--norm_type", norm_type,
+         "--batch_size", str(batch_size), "--rounds", str(rounds), "--seconds", str(seconds)],
+        capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)["step_ms"]
 
 
 def print_step(rows):
     print("Training step (forward, backward, Adam) on a fixed batch")
     print(f"  {'model':10}{'batch':>6}{'norm':>7}{'ms/step':>10}{'images/s':>10}"
-          f"{'step/fwd':>10}{'GN/BN':>8}")
+          f"{'step/fwd':>10}{'GN/BN':>8}{'PyTorch ms':>12}{'ours/PyTorch':>14}")
     for row in rows:
+        torch_cells = (f"{row['torch_ms']:>12.1f}{row['over_torch']:>14.2f}"
+                       if "torch_ms" in row else "")
         print(f"  {row['model']:10}{row['batch']:>6}{row['norm']:>7}{row['step_ms']:>10.1f}"
               f"{row['images_per_s']:>10.0f}{row['step_over_forward']:>10.2f}"
-              f"{row['gn_over_bn']:>8.2f}")
+              f"{row['gn_over_bn']:>8.2f}{torch_cells}")
 
 
 # Input pipeline ---------------------------------------------------------------------------------
@@ -458,6 +485,9 @@ def target_values(results):
             values[TARGETS[2][0]] = max(ratios)
         if conv32:
             values[TARGETS[3][0]] = max(conv32)
+        over_torch = [r["over_torch"] for r in results["step"] if "over_torch" in r]
+        if over_torch:
+            values[TARGETS[8][0]] = max(over_torch)
     if "input" in results:
         values[TARGETS[4][0]] = results["input"][-1]["wait_fraction"]
     if "memory" in results:

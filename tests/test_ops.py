@@ -3,7 +3,8 @@
 GroupNorm is checked against a plain NumPy reference (forward and analytic backward), against
 keras.layers.GroupNormalization, for batch independence, under float16 / bfloat16 policies, and
 for serialization. ops.Conv2D is checked against Keras's Conv2D: with weight_std against a kernel
-standardized in NumPy, and on small maps (its patches path) with gradients, in float32 and bfloat16.
+standardized in NumPy, and on small maps (its patches path) with gradients, in float32 and bfloat16;
+its oneDNN gradients on large convolutions against TensorFlow's.
 """
 import re
 
@@ -13,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import ops
+from kernels import conv as conv_kernels
 from kernels import group_norm as gn_compute
 
 EPS = 1e-5
@@ -679,6 +681,96 @@ def test_conv2d_keeps_tensorflows_convolution_where_a_gpu_is_visible(monkeypatch
     np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
     assert patches == [1]
     assert not ops.cpp_kernels_usable()
+
+
+def _traced_values_and_gradients(layer, x, dy):
+    """Outputs and the gradients of x, kernel and bias from a traced function, where Conv2D's
+    oneDNN gradients run, and the set of op types in its graph."""
+    def values_and_gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return [y, *tape.gradient(y, [x, *layer.trainable_variables], output_gradients=dy)]
+    function = tf.function(values_and_gradients)
+    values = [t.numpy() for t in function(x)]
+    graph = function.get_concrete_function(x).graph
+    return values, {op.type for op in graph.get_operations()}
+
+
+ONEDNN_CASES = [  # (input shape, filters, kernel size, strides, weight_std)
+    pytest.param((32, 32, 32, 16), 16, 3, 1, False, id="resnet20_stage0"),
+    pytest.param((32, 16, 16, 32), 64, 3, 2, False, id="strided"),
+    pytest.param((32, 16, 16, 64), 128, 4, 2, False, id="conv_net_even_kernel"),
+    pytest.param((32, 16, 16, 32), 32, 3, 1, True, id="weight_std"),
+]
+
+
+@pytest.mark.parametrize("shape,filters,kernel_size,strides,weight_std", ONEDNN_CASES)
+def test_conv2d_onednn_gradients_equal_the_plain_path(shape, filters, kernel_size, strides,
+                                                      weight_std, monkeypatch):
+    """Large float32 convolutions take both gradients from TensorFlow's oneDNN ops: the same
+    outputs and gradients of x, kernel and bias as TensorFlow's gradients (GN_FAST_OPS=0), to
+    float32 rounding relative to each one's largest value."""
+    if not conv_kernels.onednn_gradients_usable():
+        pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
+    rng = np.random.default_rng(21)
+    x = tf.constant(_random_input(rng, shape))
+    layer = ops.Conv2D(filters, kernel_size, strides=strides, weight_std=weight_std,
+                       use_bias=True)
+    layer.build(x.shape)
+    layer.bias.assign(rng.standard_normal(filters).astype(np.float32))
+    out_size = -(-shape[1] // strides)
+    dy = tf.constant(rng.standard_normal((shape[0], out_size, out_size, filters)), tf.float32)
+    fast, fast_ops = _traced_values_and_gradients(layer, x, dy)
+    assert set(conv_kernels.BACKPROP_OPS) <= fast_ops
+    monkeypatch.setenv("GN_FAST_OPS", "0")
+    plain, plain_ops = _traced_values_and_gradients(layer, x, dy)
+    assert not set(conv_kernels.BACKPROP_OPS) & plain_ops
+    for got, want in zip(fast, plain):
+        assert np.max(np.abs(got - want)) <= 2e-5 * np.max(np.abs(want))
+
+
+def test_conv2d_onednn_gradients_only_where_they_pay_off():
+    """Batch 32 of a ResNet-20 3x3 conv: yes; batch 2, a 3-channel input, an unknown batch: no."""
+    assert conv_kernels.pays_off((32, 32, 32, 16), (3, 3, 16, 16), (1, 1))
+    assert not conv_kernels.pays_off((2, 32, 32, 16), (3, 3, 16, 16), (1, 1))
+    assert not conv_kernels.pays_off((32, 32, 32, 3), (3, 3, 3, 64), (1, 1))
+    assert not conv_kernels.pays_off((None, 32, 32, 16), (3, 3, 16, 16), (1, 1))
+    assert conv_kernels.pays_off((32, 16, 16, 64), (4, 4, 64, 128), (2, 2))
+
+
+@pytest.mark.parametrize("variable", ["GN_ONEDNN_CONV", "TF_ENABLE_ONEDNN_OPTS"])
+def test_switching_off_the_onednn_gradients(variable, monkeypatch):
+    monkeypatch.setenv(variable, "0")
+    x = tf.random.normal([32, 32, 32, 16])
+    layer = ops.Conv2D(16, 3)
+    _, op_types = _traced_values_and_gradients(layer, x, tf.ones([32, 32, 32, 16]))
+    assert "Conv2DBackpropInput" in op_types
+    assert not set(conv_kernels.BACKPROP_OPS) & op_types
+
+
+def test_conv2d_onednn_gradients_in_eager_and_xla_compiled_gradients():
+    """Where the oneDNN ops cannot run (a gradient taken eagerly, a function XLA compiles
+    whole), the layer gives TensorFlow's gradients, the same numbers."""
+    if not conv_kernels.onednn_gradients_usable():
+        pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
+    x = tf.constant(_random_input(np.random.default_rng(22), (32, 32, 32, 16)))
+    dy = tf.random.stateless_normal([32, 32, 32, 16], [3, 4])
+    layer = ops.Conv2D(16, 3)
+    traced, _ = _traced_values_and_gradients(layer, x, dy)
+
+    def input_gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return tape.gradient(y, x, output_gradients=dy)
+    for other in (input_gradient(x), tf.function(input_gradient, jit_compile=True)(x)):
+        np.testing.assert_allclose(other.numpy(), traced[1], rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_gradients_unusable_where_the_ops_are_missing(monkeypatch):
+    monkeypatch.setattr(conv_kernels, "BACKPROP_OPS", ("_NoSuchOp", "_NorThisOne"))
+    assert conv_kernels._onednn_gradients_work.__wrapped__() is False
 
 
 def _second_order_gradient(layer, x):

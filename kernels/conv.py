@@ -1,0 +1,120 @@
+"""A 2-D convolution whose gradients run on TensorFlow's oneDNN backward kernels.
+
+TensorFlow's x86 builds carry oneDNN kernels for both gradients of Conv2D, registered as
+_MklNativeConv2DBackpropInput and _MklNativeConv2DBackpropFilter, but its graph rewrite moves
+only the forward convolution onto oneDNN: the gradients stay on TensorFlow's own kernels, which
+cut the work into many small matrix products. On the large convolutions of a batch-32 step those
+take 2-3x as long as the oneDNN kernels (docs/performance.md has the table); on small ones
+(batch 2) the oneDNN kernels' fixed cost per call makes them the slower. `conv2d` is
+tf.nn.conv2d with the oneDNN gradients; ops.Conv2D picks it where it pays (`pays_off`).
+
+The two ops are TensorFlow internals, so `onednn_gradients_usable()` checks once per process that
+they exist and give TensorFlow's numbers, and the layer keeps TensorFlow's gradients when they
+do not, inside XLA-compiled functions, when the environment sets GN_ONEDNN_CONV=0 or
+TF_ENABLE_ONEDNN_OPTS=0, and for dtypes other than float32.
+"""
+import functools
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
+from tensorflow.python.framework import op_def_registry
+
+from kernels.group_norm import switched_off
+
+BACKPROP_OPS = ("_MklNativeConv2DBackpropInput", "_MklNativeConv2DBackpropFilter")
+# Multiply-adds of a convolution from which the oneDNN gradients are the faster, and the fewest
+# input channels (a 3-channel first layer's input gradient is faster on TensorFlow's kernel).
+# Measured on 2 cores (AVX2) with the models' shapes at batch 2 and 32: ResNet-20's 3x3 convs at
+# batch 32 (38-75M) and the `conv` net's second conv (268M) gain up to 3x per gradient; everything
+# at batch 2 (at most 17M) loses up to 2x.
+MIN_MULTIPLY_ADDS = 32 * 2**20
+MIN_INPUT_CHANNELS = 16
+
+
+def pays_off(input_shape, kernel_shape, strides):
+    """Whether the oneDNN gradients are the faster for this convolution (known static shapes,
+    'same' padding)."""
+    batch, height, width, in_channels = input_shape
+    if batch is None or height is None or width is None:
+        return False
+    kernel_height, kernel_width, _, filters = kernel_shape
+    outputs = batch * -(-height // strides[0]) * -(-width // strides[1])
+    multiply_adds = outputs * kernel_height * kernel_width * in_channels * filters
+    return multiply_adds >= MIN_MULTIPLY_ADDS and in_channels >= MIN_INPUT_CHANNELS
+
+
+def conv2d(inputs, kernel, strides):
+    """tf.nn.conv2d(inputs, kernel, strides, 'SAME') for float32 NHWC tensors, differentiated by
+    the oneDNN kernels (TensorFlow's own where the gradient runs eagerly)."""
+    stride_attr = [1, *strides, 1]
+
+    @tf.custom_gradient
+    def convolution(x, w):
+        def gradient(d_outputs):
+            gradients = _tensorflow_gradients if tf.executing_eagerly() else _onednn_gradients
+            return gradients(x, w, d_outputs, stride_attr)
+        return tf.nn.conv2d(x, w, strides, "SAME"), gradient
+    # A variable read here, not inside, keeps the kernel an input of the custom gradient.
+    return convolution(inputs, tf.convert_to_tensor(kernel))
+
+
+def _tensorflow_gradients(x, w, d_outputs, stride_attr):
+    return (tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w,
+                                           out_backprop=d_outputs, strides=stride_attr,
+                                           padding="SAME"),
+            tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w),
+                                            out_backprop=d_outputs, strides=stride_attr,
+                                            padding="SAME"))
+
+
+def _onednn_gradients(x, w, d_outputs, stride_attr):
+    return (_backprop_op(BACKPROP_OPS[0], [tf.shape(x), w, d_outputs], stride_attr),
+            _backprop_op(BACKPROP_OPS[1], [x, tf.shape(w), d_outputs], stride_attr))
+
+
+def _backprop_op(op_type, inputs, stride_attr):
+    """One of BACKPROP_OPS in the graph being built. They are picked by the kernel label their
+    registration carries, as TensorFlow's own rewrite picks them."""
+    attrs = {"T": attr_value_pb2.AttrValue(type=inputs[-1].dtype.as_datatype_enum),
+             "strides": _ints(stride_attr), "dilations": _ints([1, 1, 1, 1]),
+             "explicit_paddings": _ints([]), "padding": attr_value_pb2.AttrValue(s=b"SAME"),
+             "data_format": attr_value_pb2.AttrValue(s=b"NHWC"),
+             "use_cudnn_on_gpu": attr_value_pb2.AttrValue(b=False),
+             "_kernel": attr_value_pb2.AttrValue(s=b"MklNameChangeOp")}
+    graph = tf.compat.v1.get_default_graph()
+    name = op_type.lstrip("_")  # node names may not start with an underscore
+    return graph.create_op(op_type, inputs, [inputs[-1].dtype], name=name, attrs=attrs).outputs[0]
+
+
+def _ints(values):
+    return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(i=values))
+
+
+def onednn_gradients_usable():
+    """True unless switched off (GN_ONEDNN_CONV=0, TF_ENABLE_ONEDNN_OPTS=0) or this TensorFlow
+    lacks the ops or gets other numbers from them than from its own gradients."""
+    return (not switched_off("GN_ONEDNN_CONV") and not switched_off("TF_ENABLE_ONEDNN_OPTS")
+            and _onednn_gradients_work())
+
+
+@functools.cache
+def _onednn_gradients_work():
+    if any(op_def_registry.get(op_type) is None for op_type in BACKPROP_OPS):
+        return False
+    with tf.init_scope():  # eagerly, also when first asked while a model is being traced
+        return _same_gradients_as_tensorflow()
+
+
+def _same_gradients_as_tensorflow():
+    """Both gradients of a small strided convolution from the oneDNN ops and from TensorFlow's."""
+    rng = np.random.default_rng(0)
+    x, w, d_outputs = (tf.constant(rng.normal(size=shape), tf.float32)
+                       for shape in ((2, 5, 5, 3), (3, 3, 3, 4), (2, 3, 3, 4)))
+    stride_attr = [1, 2, 2, 1]
+    try:
+        ours = tf.function(lambda: _onednn_gradients(x, w, d_outputs, stride_attr))()
+    except (tf.errors.OpError, ValueError, TypeError):
+        return False
+    theirs = _tensorflow_gradients(x, w, d_outputs, stride_attr)
+    return all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(ours, theirs))
