@@ -7,7 +7,7 @@ normalizes every group by its own mean and variance, so no statistic crosses the
 
 Layer norm is the case G = 1 and instance norm the case G = C; both are `GroupNorm`. Batch norm is
 `BatchNorm`: Keras's `BatchNormalization` (`synchronized=True` for multi-device statistics),
-computed by TensorFlow's fused kernel where that applies.
+computed by TensorFlow's fused kernel, or in training GroupNorm's C++ kernels, where they apply.
 `GroupNorm` takes the arguments of `keras.layers.GroupNormalization`, and
 `from_keras_group_norm` converts a model built with that layer (docs/keras_layer.md).
 Conv2D is channels-last. No flags, no I/O.
@@ -232,7 +232,7 @@ FUSED_BATCH_NORM_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
 
 @keras.saving.register_keras_serializable(package="gn")
 class BatchNorm(keras.layers.BatchNormalization):
-    """Keras's `BatchNormalization`, computed by TensorFlow's fused kernel where that applies.
+    """Keras's `BatchNormalization`, computed by fused kernels where they apply.
 
     Keras 3 normalizes with `tf.nn.moments` and `tf.nn.batch_normalization`, several passes over
     the activations forward and more backward; TensorFlow's fused kernel (FusedBatchNormV3 and
@@ -240,7 +240,10 @@ class BatchNorm(keras.layers.BatchNormalization):
     one op each way. On a 2-core CPU, forward + backward on [32, 32, 32, 64] and
     [8, 56, 56, 256] take about 0.7x the time of Keras's computation in float32 and 0.5x in
     bfloat16 (on [2, 16, 16, 512], where the cost per op dominates, 0.95x), within a few
-    percent of the bare kernel. The arguments, the variables
+    percent of the bare kernel. In training, tensors of up to GN_KERNEL_MAX_ELEMENTS values
+    normalize on GroupNorm's C++ kernels instead, which are faster still there
+    (`_batch_norm_on_group_norm_kernel`); GN_CPP_KERNELS=0 keeps the fused kernel. The
+    arguments, the variables
     (gamma, beta, moving_mean, moving_variance: the same names, order and dtypes, so checkpoints
     written with Keras's layer restore), the configuration and the semantics are Keras's: in
     training (`training=True` and the layer trainable) the batch statistics normalize and
@@ -266,8 +269,9 @@ class BatchNorm(keras.layers.BatchNormalization):
         moving_mean = tf.cast(self.moving_mean, tf.float32)
         moving_variance = tf.cast(self.moving_variance, tf.float32)
         if training and self.trainable:
-            outputs, mean, variance = _fused_batch_norm_training(inputs, scale, offset,
-                                                                 self.epsilon)
+            normalize = (_batch_norm_on_group_norm_kernel if self._group_norm_kernel_applies(inputs)
+                         else _fused_batch_norm_training)
+            outputs, mean, variance = normalize(inputs, scale, offset, self.epsilon)
             self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(
                 moving_variance * self.momentum + variance * (1.0 - self.momentum))
@@ -282,12 +286,44 @@ class BatchNorm(keras.layers.BatchNormalization):
                 and mask is None and inputs.shape.rank == 4 and self.axis in (-1, 3)
                 and inputs.dtype in FUSED_BATCH_NORM_DTYPES)
 
+    def _group_norm_kernel_applies(self, inputs):
+        """Whether the training normalization runs on GroupNorm's C++ kernels (see
+        `_batch_norm_on_group_norm_kernel`): where they can run, on up to
+        GN_KERNEL_MAX_ELEMENTS values, and more than one value per channel. With one, x - mean
+        is 0 and the fused kernel's gradients are exact zeros, while the closed form leaves the
+        rounding of dy * x magnified by 1 / sqrt(epsilon)."""
+        size = inputs.shape.num_elements()
+        return (size is not None and inputs.shape[-1] < size <= GN_KERNEL_MAX_ELEMENTS
+                and inputs.dtype in gn_compute.CPP_KERNEL_DTYPES and not _in_xla_function()
+                and cpp_kernels_usable())
+
     def _scale_and_offset(self, channels):
         """gamma and beta as float32, or the ones and zeros the kernel needs in their place when
         `scale` or `center` is off."""
         scale = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, tf.float32)
         offset = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
         return scale, offset
+
+
+# BN's training normalization on GroupNorm's C++ kernels, against the fused kernel (forward +
+# backward, 2 cores): 0.45-0.65x its time on ResNet-20's and the issue shapes up to [32, 32, 32, 64]
+# (2M values), even at [32, 56, 56, 64] (6.4M), 1.3x at [8, 56, 56, 256] (6.4M), where the
+# fused kernel's threads stream the tensor better than channel blocks do.
+GN_KERNEL_MAX_ELEMENTS = 1 << 22
+
+
+def _batch_norm_on_group_norm_kernel(x, scale, offset, epsilon):
+    """(output, batch mean, biased batch variance) of batch norm in training, computed as GN:
+    the batch seen as one example of N*H*W positions, one group per channel, normalizes each
+    channel by its statistics over the batch and positions, which is what BN does. The
+    backward pass is GN's closed form, BN's own. The variance comes back from
+    1 / sqrt(variance + epsilon), to float32 rounding."""
+    channels = x.shape[-1]
+    outputs, mean, rstd = gn_compute.fast_with_statistics(
+        tf.reshape(x, [1, -1, channels]), scale, offset, channels, epsilon,
+        gn_compute.CPP_KERNELS)
+    variance = tf.maximum(tf.reshape(1.0 / tf.square(rstd), [channels]) - epsilon, 0.0)
+    return tf.reshape(outputs, tf.shape(x)), tf.reshape(mean, [channels]), variance
 
 
 def _fused_batch_norm_training(x, scale, offset, epsilon):

@@ -10,8 +10,9 @@
 Sections:
   norm     normalization layers, forward + backward, over keras BatchNormalization (which in Keras
            3 is tf.nn.moments + tf.nn.batch_normalization, not a fused kernel) on three shapes, in
-           float32 and bfloat16; beside it ops.BatchNorm, TensorFlow's fused kernel
-           (FusedBatchNormV3), which --norm_type batch trains with
+           float32 and bfloat16; beside it TensorFlow's fused kernel (FusedBatchNormV3: ops.BatchNorm
+           with GN_CPP_KERNELS=0) and ops.BatchNorm as --norm_type batch trains with (on
+           GroupNorm's C++ kernels up to 4M values, the fused kernel above)
   step     one training step (forward, backward, Adam) of each model with BN and GN at batch 2 and
            32: ms, images/s, GN / BN, and step / forward-only; where torch is importable, the same
            step of `conv` and `resnet20` rebuilt in PyTorch (benchmarks/torch_step.py, in its own
@@ -134,7 +135,8 @@ def _seconds(fn, repeats):
 def norm_layers(channels, policy):
     return {
         "batch (keras)": keras.layers.BatchNormalization(epsilon=1e-5, dtype=policy),
-        "batch (ours, fused)": ops.BatchNorm(epsilon=1e-5, dtype=policy),
+        "batch (TF fused)": ops.BatchNorm(epsilon=1e-5, dtype=policy),
+        "batch (ours)": ops.BatchNorm(epsilon=1e-5, dtype=policy),
         "group (ours)": ops.GroupNorm(GROUPS, epsilon=1e-5, dtype=policy),
         "group (keras)": keras.layers.GroupNormalization(GROUPS, epsilon=1e-5, dtype=policy),
         "layer (ours)": ops.GroupNorm(1, epsilon=1e-5, dtype=policy),
@@ -155,6 +157,21 @@ def forward_backward(layer, x, dy):
     return run
 
 
+def traced_with(function, **environment):
+    """Traces the tf.function `function` with `environment` set. The switches (GN_CPP_KERNELS
+    and friends) are read while tracing, so every later call keeps the choice made then."""
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        function()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def bench_norm(rounds, seconds):
     rows = []
     for dtype, policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16")):
@@ -162,16 +179,18 @@ def bench_norm(rounds, seconds):
             release_previous()
             x = tf.cast(tf.random.normal(shape) * 3 + 1, dtype)
             dy = tf.cast(tf.random.normal(shape), dtype)
-            layers = norm_layers(shape[-1], policy)
-            times = time_rounds({name: forward_backward(layer, x, dy)
-                                 for name, layer in layers.items()}, rounds, seconds)
+            candidates = {name: forward_backward(layer, x, dy)
+                          for name, layer in norm_layers(shape[-1], policy).items()}
+            traced_with(candidates["batch (TF fused)"], GN_CPP_KERNELS="0")
+            times = time_rounds(candidates, rounds, seconds)
             rows.append({"dtype": dtype, "shape": list(shape),
                          "ms": {name: 1000 * t for name, t in median(times).items()},
                          "over_bn": {name: ratio(times, [name], ["batch (keras)"])
                                      for name in times},
                          "gn_over_bn": ratio(times, ["group (ours)"], ["batch (keras)"]),
                          "gn_over_fused_bn": ratio(times, ["group (ours)"],
-                                                   ["batch (ours, fused)"]),
+                                                   ["batch (TF fused)"]),
+                         "gn_over_our_bn": ratio(times, ["group (ours)"], ["batch (ours)"]),
                          "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"])})
     return rows
 
@@ -180,12 +199,12 @@ def print_norm(rows):
     names = list(rows[0]["ms"])
     print("Normalization layer, forward + backward: ms (ratio to keras BatchNormalization)")
     print(f"  {'dtype':9}{'shape':18}" + "".join(f"{name:>22}" for name in names)
-          + f"{'GN/fused BN':>13}{'GN/keras GN':>13}")
+          + f"{'GN/fused BN':>13}{'GN/our BN':>11}{'GN/keras GN':>13}")
     for row in rows:
         cells = "".join(f"{f'{ms:.2f} ({over_bn:.2f}x)':>22}"
                         for ms, over_bn in zip(row["ms"].values(), row["over_bn"].values()))
         print(f"  {row['dtype']:9}{str(row['shape']):18}{cells}{row['gn_over_fused_bn']:>12.2f}x"
-              f"{row['gn_over_keras_gn']:>12.2f}x")
+              f"{row['gn_over_our_bn']:>10.2f}x{row['gn_over_keras_gn']:>12.2f}x")
 
 
 # Training steps ---------------------------------------------------------------------------------

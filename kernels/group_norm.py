@@ -41,15 +41,22 @@ def _positions_after(inputs, axis):
 def fast(inputs, gamma, beta, groups, epsilon, kernel_pair):
     """GN with a closed-form backward pass; `kernel_pair` is (forward, backward): `TF_KERNELS`,
     their XLA-compiled `compiled_kernels()` or `CPP_KERNELS`."""
+    return fast_with_statistics(inputs, gamma, beta, groups, epsilon, kernel_pair)[0]
+
+
+def fast_with_statistics(inputs, gamma, beta, groups, epsilon, kernel_pair):
+    """(outputs, mean, 1 / sqrt(variance + epsilon)) of `fast`: the statistics of each group
+    (`CPP_KERNELS`: [N, G]; the others: [N, 1, C]), for moving averages; no gradient flows
+    through them."""
     forward_kernel, backward_kernel = kernel_pair
 
     @tf.custom_gradient
     def group_norm(x, gamma, beta):
         outputs, mean, rstd = forward_kernel(x, gamma, beta, groups, epsilon)
 
-        def gradient(d_outputs):
+        def gradient(d_outputs, *unused_statistics_gradients):
             return backward_kernel(d_outputs, x, gamma, mean, rstd, groups)
-        return outputs, gradient
+        return (outputs, tf.stop_gradient(mean), tf.stop_gradient(rstd)), gradient
     return group_norm(inputs, gamma, beta)
 
 

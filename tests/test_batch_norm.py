@@ -1,5 +1,5 @@
-"""ops.BatchNorm, Keras's BatchNormalization computed by TensorFlow's fused kernel: against
-Keras's layer with the same weights (outputs, gradients, moving statistics; training and
+"""ops.BatchNorm, Keras's BatchNormalization computed by GroupNorm's C++ kernels in training and
+TensorFlow's fused kernel: against Keras's layer with the same weights (outputs, gradients, moving statistics; training and
 inference; float32 and the mixed policies; down to one value per channel), the calls that keep
 Keras's computation, the variables and configuration, a checkpoint of a repo model written with
 Keras's layer, and the replicas of a MirroredStrategy.
@@ -104,9 +104,20 @@ ROUNDING = {"float32": 0.0, "mixed_bfloat16": 2 ** -7, "mixed_float16": 2 ** -10
 SHAPES = [(1, 1, 1, 8), (2, 1, 1, 8), (1, 2, 2, 8), (2, 3, 3, 8), (4, 5, 5, 16)]
 
 
+@pytest.fixture(params=["group_norm_cpp", "fused"])
+def training_kernel(request, monkeypatch):
+    """Runs a test with BN's training normalization on GroupNorm's C++ kernels, then on the
+    fused kernel (GN_CPP_KERNELS=0)."""
+    if request.param == "fused":
+        monkeypatch.setenv("GN_CPP_KERNELS", "0")
+    elif not ops.cpp_kernels_usable():
+        pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
+    return request.param
+
+
 @pytest.mark.parametrize("policy", ROUNDING)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_training_matches_keras(shape, policy):
+def test_training_matches_keras(shape, policy, training_kernel):
     """Three training calls: outputs, gradients and the moving statistics after each. Outputs and
     input gradients to 1e-6 of `_rounding_scales` (~16 float32 ulps), gamma's and beta's
     gradients to 1e-5 of their largest value (float32 sums of up to 100 terms), the statistics
@@ -177,7 +188,7 @@ def test_without_gamma_or_beta_matches_keras(scale, center):
     _assert_close(ours.moving_variance, theirs.moving_variance, 1e-6, "moving variance")
 
 
-# Where the fused kernel runs, and where Keras's computation does --------------------------------
+# Where the fast kernels run, and where Keras's computation does ---------------------------------
 
 def _op_types(layer, x, training, **call_arguments):
     """The op types of a traced function computing the layer's output and input gradient."""
@@ -190,14 +201,34 @@ def _op_types(layer, x, training, **call_arguments):
     return {op.type for op in forward_backward.get_concrete_function(x).graph.get_operations()}
 
 
+GROUP_NORM_CPP = {"GnGroupNorm", "GnGroupNormGrad"}
+
+
 @pytest.mark.parametrize("policy", ROUNDING)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("axis", [-1, 3])
-def test_fused_kernel_computes_channels_last_4d(axis, training, policy):
+def test_fast_kernels_compute_channels_last_4d(axis, training, policy, training_kernel):
+    """Training normalizes on GroupNorm's C++ kernels, or with GN_CPP_KERNELS=0 on the fused
+    kernel; inference on the fused kernel."""
     _, ours = _layers((2, 3, 3, 8), axis=axis, dtype=policy)
     types = _op_types(ours, _input((2, 3, 3, 8)), training)
-    assert {FUSED, FUSED_GRADIENT} <= types
+    if training and training_kernel == "group_norm_cpp":
+        assert GROUP_NORM_CPP <= types and FUSED not in types
+    else:
+        assert {FUSED, FUSED_GRADIENT} <= types and not GROUP_NORM_CPP & types
     assert "Rsqrt" not in types  # no tf.nn.batch_normalization, Keras's computation
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 3, 8)])
+def test_fused_kernel_trains_on_one_value_per_channel_and_large_tensors(shape, monkeypatch):
+    """One value per channel, and more values than GN_KERNEL_MAX_ELEMENTS (here lowered below
+    the second shape's 144)."""
+    if not ops.cpp_kernels_usable():
+        pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
+    monkeypatch.setattr(ops, "GN_KERNEL_MAX_ELEMENTS", 100)
+    _, ours = _layers(shape)
+    types = _op_types(ours, _input(shape), True)
+    assert FUSED in types and not GROUP_NORM_CPP & types
 
 
 FALLBACKS = {  # name: (layer arguments, input shape, call arguments)
@@ -227,12 +258,13 @@ def test_other_calls_take_keras_computation(case):
 def test_plain_ops_and_the_switch_take_keras_computation(monkeypatch):
     _, ours = _layers((2, 3, 3, 8))
     x = _input((2, 3, 3, 8))
+    fast = {FUSED, *GROUP_NORM_CPP}
     with ops.plain_ops():
-        assert FUSED not in _op_types(ours, x, True)
-        assert FUSED not in _op_types(ours, x, False)
-    assert FUSED in _op_types(ours, x, True)
+        assert not fast & _op_types(ours, x, True)
+        assert not fast & _op_types(ours, x, False)
+    assert fast & _op_types(ours, x, True)
     monkeypatch.setenv("GN_FAST_OPS", "0")
-    assert FUSED not in _op_types(ours, x, True)
+    assert not fast & _op_types(ours, x, True)
 
 
 def test_in_a_function_xla_compiles_whole_matches_keras():
