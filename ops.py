@@ -369,7 +369,7 @@ class Conv2D(keras.layers.Conv2D):
     them by the kernel instead: the same numbers, forward and backward 2-40x faster there
     (`_patches_matmul` says how the backward product is chosen). Large float32 convolutions (a
     batch-32 ResNet-20's 3x3 convs) take their gradients from TensorFlow's oneDNN kernels, which
-    its own graph rewrite leaves unused (kernels/conv.py): 1.3-3x faster per gradient there.
+    TensorFlow leaves unused on CPUs without AVX-512 (kernels/conv.py): up to 3x faster there.
     These were measured on a CPU; where a GPU is visible the layer keeps TensorFlow's
     convolution (cuDNN).
     """

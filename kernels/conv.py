@@ -1,12 +1,14 @@
 """A 2-D convolution whose gradients run on TensorFlow's oneDNN backward kernels.
 
 TensorFlow's x86 builds carry oneDNN kernels for both gradients of Conv2D, registered as
-_MklNativeConv2DBackpropInput and _MklNativeConv2DBackpropFilter, but its graph rewrite moves
-only the forward convolution onto oneDNN: the gradients stay on TensorFlow's own kernels, which
-cut the work into many small matrix products. On the large convolutions of a batch-32 step those
-take 2-3x as long as the oneDNN kernels (docs/performance.md has the table); on small ones
-(batch 2) the oneDNN kernels' fixed cost per call makes them the slower. `conv2d` is
-tf.nn.conv2d with the oneDNN gradients; ops.Conv2D picks it where it pays (`pays_off`).
+_MklNativeConv2DBackpropInput and _MklNativeConv2DBackpropFilter, but its oneDNN graph rewrite is
+on by default only on CPUs with AVX-512 and newer. Elsewhere (the 2-vCPU AVX2 EPYC this repo is
+measured on) the gradients run on TensorFlow's own kernels, which cut the work into many small
+matrix products: on the large convolutions of a batch-32 step they take 2-3x as long as the oneDNN
+kernels (docs/performance.md has the table), while on small ones (batch 2) the oneDNN kernels'
+fixed cost per call makes them the slower. TF_ENABLE_ONEDNN_OPTS=1 would move every op of the
+graph, whatever its size; `conv2d` is tf.nn.conv2d with the oneDNN gradients, and ops.Conv2D
+picks it for the convolutions where it pays (`pays_off`).
 
 The two ops are TensorFlow internals, so `onednn_gradients_usable()` checks once per process that
 they exist and give TensorFlow's numbers, and the layer keeps TensorFlow's gradients when they
