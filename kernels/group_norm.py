@@ -188,5 +188,6 @@ def _cpp_backward_gradient(op, *output_gradients):
     """Second-order gradients (a gradient penalty, Hessian-vector products) are not written for
     the C++ kernels; the TensorFlow-op kernels differentiate their backward pass by autodiff."""
     raise NotImplementedError(
-        "second-order gradients through GroupNorm's C++ kernels are not implemented; set "
-        "GN_CPP_KERNELS=0 to use its TensorFlow-op kernels, which support them")
+        "second-order gradients through GroupNorm's C++ kernels (GroupNorm, and BatchNorm in "
+        "training) are not implemented; set GN_CPP_KERNELS=0 to use the TensorFlow-op kernels "
+        "and the fused BN kernel, which support them")

@@ -141,6 +141,30 @@ def test_training_matches_keras(shape, policy, training_kernel):
             _assert_close(getattr(ours, name), getattr(theirs, name), 1e-6, f"{name}, {step}")
 
 
+def _input_gradient_penalty_gradient(layer, x):
+    """d/dx of sum((d/dx sum(y^3))^2) in training: needs the gradient of BN's backward pass."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) ** 3)
+        penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+    return outer.gradient(penalty, x).numpy()
+
+
+def test_second_order_gradients(training_kernel):
+    """The fused kernel gives Keras's second-order gradients; GroupNorm's C++ kernels refuse them
+    with a message that says how to get them."""
+    theirs, ours = _layers((2, 3, 3, 8))
+    x = _input((2, 3, 3, 8))
+    if training_kernel == "group_norm_cpp":
+        with pytest.raises(NotImplementedError, match="set GN_CPP_KERNELS=0"):
+            _input_gradient_penalty_gradient(ours, x)
+        return
+    expected = _input_gradient_penalty_gradient(theirs, x)
+    _assert_close(_input_gradient_penalty_gradient(ours, x), expected, 1e-4, "second order")
+
+
 def test_one_value_per_channel_leaves_a_moving_variance_of_momentum_times_the_old():
     """At batch 1 on a 1x1 map the batch variance is 0 (Bessel's correction would divide by
     n - 1 = 0): the moving variance only decays."""
