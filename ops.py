@@ -306,9 +306,9 @@ class BatchNorm(keras.layers.BatchNormalization):
 
 
 # BN's training normalization on GroupNorm's C++ kernels, against the fused kernel (forward +
-# backward, 2 cores): 0.45-0.65x its time on ResNet-20's and the issue shapes up to [32, 32, 32, 64]
-# (2M values), even at [32, 56, 56, 64] (6.4M), 1.3x at [8, 56, 56, 256] (6.4M), where the
-# fused kernel's threads stream the tensor better than channel blocks do.
+# backward, 2 cores): 0.43-0.72x its time on ResNet-20's maps and on bench.py's [32, 32, 32, 64]
+# (2M values) and [2, 16, 16, 512]; even at [32, 56, 56, 64] (6.4M); 1.3x at [8, 56, 56, 256]
+# (6.4M), where the fused kernel's threads stream the tensor better than channel blocks do.
 GN_KERNEL_MAX_ELEMENTS = 1 << 22
 
 

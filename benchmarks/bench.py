@@ -10,9 +10,9 @@
 Sections:
   norm     normalization layers, forward + backward, over keras BatchNormalization (which in Keras
            3 is tf.nn.moments + tf.nn.batch_normalization, not a fused kernel) on three shapes, in
-           float32 and bfloat16; beside it TensorFlow's fused kernel (FusedBatchNormV3: ops.BatchNorm
-           with GN_CPP_KERNELS=0) and ops.BatchNorm as --norm_type batch trains with (on
-           GroupNorm's C++ kernels up to 4M values, the fused kernel above)
+           float32 and bfloat16; beside it TensorFlow's fused kernel (FusedBatchNormV3, as
+           ops.BatchNorm with GN_CPP_KERNELS=0) and ops.BatchNorm as --norm_type batch trains
+           with (on GroupNorm's C++ kernels up to 4M values, the fused kernel above)
   step     one training step (forward, backward, Adam) of each model with BN and GN at batch 2 and
            32: ms, images/s, GN / BN, and step / forward-only; where torch is importable, the same
            step of `conv` and `resnet20` rebuilt in PyTorch (benchmarks/torch_step.py, in its own

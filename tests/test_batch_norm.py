@@ -1,8 +1,9 @@
 """ops.BatchNorm, Keras's BatchNormalization computed by GroupNorm's C++ kernels in training and
-TensorFlow's fused kernel: against Keras's layer with the same weights (outputs, gradients, moving statistics; training and
-inference; float32 and the mixed policies; down to one value per channel), the calls that keep
-Keras's computation, the variables and configuration, a checkpoint of a repo model written with
-Keras's layer, and the replicas of a MirroredStrategy.
+by TensorFlow's fused kernel: against Keras's layer with the same weights (outputs, gradients,
+moving statistics; training and inference; float32 and the mixed policies; down to one value per
+channel; both training kernels), second-order gradients, the calls that keep Keras's computation,
+the variables and configuration, a checkpoint of a repo model written with Keras's layer, and the
+replicas of a MirroredStrategy.
 
 Tensors are tiny; nothing trains beyond a few calls.
 """
