@@ -730,6 +730,21 @@ def test_conv2d_onednn_gradients_equal_the_plain_path(shape, filters, kernel_siz
         assert np.max(np.abs(got - want)) <= 2e-5 * np.max(np.abs(want))
 
 
+def test_conv2d_onednn_gradients_are_bit_identical_call_after_call():
+    """Resuming a run from a checkpoint gives the uninterrupted run's numbers only if every
+    gradient is reproducible."""
+    if not conv_kernels.onednn_gradients_usable():
+        pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
+    x = tf.constant(_random_input(np.random.default_rng(23), (32, 32, 32, 16)))
+    dy = tf.random.stateless_normal([32, 32, 32, 16], [5, 6])
+    layer = ops.Conv2D(16, 3)
+    first, op_types = _traced_values_and_gradients(layer, x, dy)
+    assert set(conv_kernels.BACKPROP_OPS) <= op_types
+    for _ in range(3):
+        for got, want in zip(_traced_values_and_gradients(layer, x, dy)[0], first):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_conv2d_onednn_gradients_only_where_they_pay_off():
     """Batch 32 of a ResNet-20 3x3 conv: yes; batch 2, a 3-channel input, an unknown batch: no."""
     assert conv_kernels.pays_off((32, 32, 32, 16), (3, 3, 16, 16), (1, 1))
