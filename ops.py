@@ -175,8 +175,7 @@ class GroupNorm(keras.layers.Layer):
     def _kernels_for(self, inputs):
         """The C++ kernels where they can run; else the TensorFlow-op kernels, XLA-compiled for
         large (or not yet known) sizes."""
-        if (inputs.dtype in gn_compute.CPP_KERNEL_DTYPES and not _in_xla_function()
-                and cpp_kernels_usable()):
+        if _cpp_kernels_run(inputs):
             return gn_compute.CPP_KERNELS
         size = inputs.shape.num_elements()
         large = size is None or size >= gn_compute.XLA_MIN_ELEMENTS
@@ -224,6 +223,13 @@ def _statistics_input(inputs, compute_dtype):
     if inputs.dtype.size < tf.as_dtype(compute_dtype).size:
         return tf.cast(inputs, compute_dtype)
     return inputs
+
+
+def _cpp_kernels_run(inputs):
+    """Whether GroupNorm's C++ kernels can take `inputs` here: its dtype, not inside a function
+    XLA compiles whole, and the kernels built and not switched off."""
+    return (inputs.dtype in gn_compute.CPP_KERNEL_DTYPES and not _in_xla_function()
+            and cpp_kernels_usable())
 
 
 # The input dtypes TensorFlow's fused batch-norm kernel takes; its statistics are float32.
@@ -294,8 +300,7 @@ class BatchNorm(keras.layers.BatchNormalization):
         rounding of dy * x magnified by 1 / sqrt(epsilon)."""
         size = inputs.shape.num_elements()
         return (size is not None and inputs.shape[-1] < size <= GN_KERNEL_MAX_ELEMENTS
-                and inputs.dtype in gn_compute.CPP_KERNEL_DTYPES and not _in_xla_function()
-                and cpp_kernels_usable())
+                and _cpp_kernels_run(inputs))
 
     def _scale_and_offset(self, channels):
         """gamma and beta as float32, or the ones and zeros the kernel needs in their place when

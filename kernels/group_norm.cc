@@ -3,10 +3,11 @@
 // The graph-op version of GN (group_norm.py, forward / backward) is about twenty small
 // TensorFlow ops per direction; at the sizes of a batch-2 step each op costs more to launch than
 // to run. Here each direction is one op that reads its inputs twice (once for the statistics, once
-// to write the output) and writes the output once. The input is viewed as [N, S, C] (S = positions), channels contiguous; groups
-// are runs of C / G channels. Work is split over (example, block of whole groups), so small
-// batches of large maps still use every core. Statistics are float32 (accumulated in float over
-// blocks of rows and in double across them); inputs and outputs are float32, bfloat16 or float16.
+// to write the output) and writes the output once. The input is viewed as [N, S, C]
+// (S = positions), channels contiguous; groups are runs of C / G channels. Work is split over
+// (example, block of whole groups), so small batches of large maps still use every core.
+// Statistics are float32 (accumulated in float over blocks of rows and in double across them);
+// inputs and outputs are float32, bfloat16 or float16.
 #include <algorithm>
 #include <cmath>
 #include <vector>

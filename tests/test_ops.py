@@ -730,14 +730,20 @@ def test_conv2d_onednn_gradients_equal_the_plain_path(shape, filters, kernel_siz
         assert np.max(np.abs(got - want)) <= 2e-5 * np.max(np.abs(want))
 
 
-def test_conv2d_onednn_gradients_are_bit_identical_call_after_call():
-    """Resuming a run from a checkpoint gives the uninterrupted run's numbers only if every
-    gradient is reproducible."""
+@pytest.fixture
+def resnet20_conv():
+    """(layer, x, dy) of a batch-32 ResNet-20 3x3 conv, whose gradients run on oneDNN; skips
+    where they cannot."""
     if not conv_kernels.onednn_gradients_usable():
         pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
     x = tf.constant(_random_input(np.random.default_rng(23), (32, 32, 32, 16)))
-    dy = tf.random.stateless_normal([32, 32, 32, 16], [5, 6])
-    layer = ops.Conv2D(16, 3)
+    return ops.Conv2D(16, 3), x, tf.random.stateless_normal([32, 32, 32, 16], [5, 6])
+
+
+def test_conv2d_onednn_gradients_are_bit_identical_call_after_call(resnet20_conv):
+    """Resuming a run from a checkpoint gives the uninterrupted run's numbers only if every
+    gradient is reproducible."""
+    layer, x, dy = resnet20_conv
     first, op_types = _traced_values_and_gradients(layer, x, dy)
     assert set(conv_kernels.BACKPROP_OPS) <= op_types
     for _ in range(3):
@@ -764,14 +770,10 @@ def test_switching_off_the_onednn_gradients(variable, monkeypatch):
     assert not set(conv_kernels.BACKPROP_OPS) & op_types
 
 
-def test_conv2d_onednn_gradients_in_eager_and_xla_compiled_gradients():
+def test_conv2d_onednn_gradients_in_eager_and_xla_compiled_gradients(resnet20_conv):
     """Where the oneDNN ops cannot run (a gradient taken eagerly, a function XLA compiles
     whole), the layer gives TensorFlow's gradients, the same numbers."""
-    if not conv_kernels.onednn_gradients_usable():
-        pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
-    x = tf.constant(_random_input(np.random.default_rng(22), (32, 32, 32, 16)))
-    dy = tf.random.stateless_normal([32, 32, 32, 16], [3, 4])
-    layer = ops.Conv2D(16, 3)
+    layer, x, dy = resnet20_conv
     traced, _ = _traced_values_and_gradients(layer, x, dy)
 
     def input_gradient(x):
