@@ -1,0 +1,71 @@
+"""Keras's Adam and momentum SGD, each variable updated by one of TensorFlow's fused training ops.
+
+Keras 3 writes an optimizer's update of each variable as a dozen separate TensorFlow ops, and
+recomputes the update's scalars (the learning rate's cast, the powers of beta) for every variable:
+about 45 ops per variable for Adam, 2,900 for ResNet-20's 65 variables. Tracing that graph and
+optimizing it before the first update took about 3 s of a `trainer.py` run's start on 2 cores.
+TensorFlow's ResourceApplyAdam and ResourceApplyKerasMomentum (the ops tf.keras 2 ran) do each
+variable's update in one op, and `apply` computes the scalars once per update: about 10 ops per
+variable, and the update itself faster too (docs/performance.md has the numbers).
+
+Everything else is Keras's: the variables and their checkpoint names, the learning-rate schedule,
+gradient clipping, loss scaling and tf.distribute's per-device updates. Momentum SGD gives Keras's
+numbers bit for bit. Adam differs from Keras's in the last bits of float32: TensorFlow's kernel
+forms 1 - beta in float32 where Keras forms it in Python's float64.
+"""
+import keras
+import tensorflow as tf
+
+
+class FusedUpdates:
+    """The scalars of one update (`update_scalars`, given a dtype and the update's learning rate),
+    computed on the first variable of each dtype and shared by the rest."""
+
+    def apply(self, grads, trainable_variables=None):
+        self._scalars = {}
+        return super().apply(grads, trainable_variables)
+
+    def scalars(self, dtype, learning_rate):
+        if dtype not in self._scalars:
+            self._scalars[dtype] = self.update_scalars(dtype, learning_rate)
+        return self._scalars[dtype]
+
+
+class Adam(FusedUpdates, keras.optimizers.Adam):
+    """keras.optimizers.Adam (without amsgrad) on ResourceApplyAdam."""
+
+    def __init__(self, learning_rate, global_clipnorm=None):
+        super().__init__(learning_rate, global_clipnorm=global_clipnorm)
+
+    def update_scalars(self, dtype, learning_rate):
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        return dict(lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+                    beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+                    epsilon=tf.cast(self.epsilon, dtype))
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].value.handle,
+            v=self._velocities[index].value.handle, grad=tf.cast(gradient, variable.dtype),
+            **self.scalars(variable.dtype, learning_rate))
+
+
+class MomentumSGD(FusedUpdates, keras.optimizers.SGD):
+    """keras.optimizers.SGD with (non-Nesterov) momentum on ResourceApplyKerasMomentum."""
+
+    def __init__(self, learning_rate, momentum, global_clipnorm=None):
+        if not momentum > 0:
+            raise ValueError(f"momentum must be positive, not {momentum}; use keras.optimizers.SGD "
+                             "for plain SGD")
+        super().__init__(learning_rate, momentum=momentum, global_clipnorm=global_clipnorm)
+
+    def update_scalars(self, dtype, learning_rate):
+        return dict(lr=tf.cast(learning_rate, dtype), momentum=tf.cast(self.momentum, dtype))
+
+    def update_step(self, gradient, variable, learning_rate):
+        accumulator = self.momentums[self._get_variable_index(variable)].value
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle, accum=accumulator.handle, grad=tf.cast(gradient, variable.dtype),
+            use_nesterov=False, **self.scalars(variable.dtype, learning_rate))
