@@ -13,10 +13,11 @@ Sections:
            float32 and bfloat16; beside it TensorFlow's fused kernel (FusedBatchNormV3, as
            ops.BatchNorm with GN_CPP_KERNELS=0) and ops.BatchNorm as --norm_type batch trains
            with (on GroupNorm's C++ kernels up to 4M values, the fused kernel above)
-  step     one training step (forward, backward, Adam) of each model with BN and GN at batch 2 and
-           32: ms, images/s, GN / BN, and step / forward-only; where torch is importable, the same
-           step of `conv` and `resnet20` rebuilt in PyTorch (benchmarks/torch_step.py, in its own
-           process right after ours) and our time / PyTorch's
+  step     one training step (forward, backward, the trainer's fused Adam) of each model with
+           BN and GN at batch 2 and 32: ms, images/s, GN / BN, and step / forward-only; where
+           torch is importable, the same step of `conv` and `resnet20` rebuilt in PyTorch
+           (benchmarks/torch_step.py, in its own process right after ours) and our time /
+           PyTorch's
   input    the tf.data pipeline from an HDF5 file: images/s, and the fraction of a training step
            spent waiting for input
   convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
@@ -59,6 +60,7 @@ import model as model_lib  # noqa: E402
 import ops  # noqa: E402
 import trainer  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
+from kernels import optimizers  # noqa: E402
 
 SECTIONS = ("norm", "step", "input", "convert", "scale", "memory")
 NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
@@ -210,8 +212,9 @@ def print_norm(rows):
 # Training steps ---------------------------------------------------------------------------------
 
 def train_step_function(net):
-    """One update of `net` (forward, backward, Adam) on the (images, labels) it is given."""
-    optimizer = keras.optimizers.Adam(1e-3)
+    """One update of `net` (forward, backward, the trainer's Adam) on the (images, labels) it is
+    given."""
+    optimizer = optimizers.Adam(1e-3)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     @tf.function
