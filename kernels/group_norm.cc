@@ -95,8 +95,10 @@ struct Lines {
 
   // Per-channel values repeated for every row of a line.
   std::vector<float> Tiled(const std::vector<float>& per_channel) const {
-    std::vector<float> tiled(width);
-    for (int64_t j = 0; j < width; ++j) tiled[j] = per_channel[j % channel_width];
+    std::vector<float> tiled;
+    tiled.reserve(width);
+    for (int64_t r = 0; r < rows_per_line; ++r)
+      tiled.insert(tiled.end(), per_channel.begin(), per_channel.end());
     return tiled;
   }
 };
@@ -116,8 +118,10 @@ void ChannelSums(const Lines& lines, int64_t sums_count, AddLine add, std::vecto
   }
   sums->assign(sums_count * lines.channel_width, 0.0);
   for (int64_t k = 0; k < sums_count; ++k)
-    for (int64_t j = 0; j < lines.width; ++j)
-      (*sums)[k * lines.channel_width + j % lines.channel_width] += line_sums[k * lines.width + j];
+    for (int64_t r = 0; r < lines.rows_per_line; ++r)
+      for (int64_t c = 0; c < lines.channel_width; ++c)
+        (*sums)[k * lines.channel_width + c] +=
+            line_sums[(k * lines.rows_per_line + r) * lines.channel_width + c];
 }
 
 struct GroupMoments {
