@@ -268,6 +268,9 @@ class Trainer:
                                            dropout_seeds=dropout_seeds(self.model))
         # Seconds spent training so far, over every process that worked on the run.
         self.clock = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        # 1 once this worker was sent SIGTERM; summed over the workers in every update (a local
+        # variable, made outside the strategy's scope, and kept out of checkpoints).
+        self.stop_requested = tf.Variable(0.0, trainable=False)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               streams=self.streams, train_seconds=self.clock)
         self.manager = self.writers = None  # made by open_run_dir, once the state is final
@@ -343,23 +346,25 @@ class Trainer:
     def train_step(self):
         """One update: `passes` forward/backward passes over all replicas, whose gradients are
         summed over the replicas and the passes, then applied once. Returns the mean loss and
-        accuracy over the update's examples."""
+        accuracy over the update's examples, the gradients' global norm and whether some worker
+        was sent SIGTERM (then every worker learns it in the same update)."""
         variables = self.model.trainable_variables
         gradients = [tf.zeros(v.shape, v.dtype) for v in variables]
-        total_loss, total_correct = 0.0, 0.0
+        total_loss, total_correct, stopping = 0.0, 0.0, 0.0
         for _ in tf.range(self.passes):
             summed = self.strategy.run(self.replica_pass, args=(self.next_pass(),))
             # The same on every replica: keep the first's, a tensor the loop can carry.
-            loss, correct, pass_gradients = tf.nest.map_structure(
+            loss, correct, pass_gradients, stop_requests = tf.nest.map_structure(
                 lambda value: self.strategy.experimental_local_results(value)[0], summed)
             gradients = [g + p for g, p in zip(gradients, pass_gradients)]
             total_loss += loss
             total_correct += correct
+            stopping = tf.maximum(stopping, stop_requests)
         if self.passes > 1:
             gradients = [g / self.passes for g in gradients]
         self.optimizer.apply_gradients(zip(gradients, variables))
         return (total_loss / self.passes, total_correct / (self.passes * self.examples_per_pass),
-                tf.linalg.global_norm(gradients))
+                tf.linalg.global_norm(gradients), stopping > 0)
 
     def next_pass(self):
         """The next pass's per-replica batches: this worker's replicas take the next
@@ -372,9 +377,13 @@ class Trainer:
     def replica_pass(self, batch):
         """One replica's forward and backward pass over its batch, then the sums over all
         replicas (one all-reduce) of: its share of the pass's mean loss, the number of examples
-        it classified right, and the gradients of that share."""
+        it classified right, the gradients of that share, and its worker's stop request."""
+        loss, correct, gradients = self.forward_backward(*batch)
+        # tf.identity places the read on the replica's device: MultiWorkerMirroredStrategy's
+        # all-reduce takes its destinations from the values' devices, and the variable has none.
+        stop_request = tf.identity(self.stop_requested)
         return tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, self.forward_backward(*batch))
+            tf.distribute.ReduceOp.SUM, (loss, correct, gradients, stop_request))
 
     def loss_and_gradients(self, images, labels):
         """A replica's share of the pass's mean loss, its number of right answers and the
@@ -402,9 +411,10 @@ class Trainer:
             tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32))
         return self.loss_fn(labels, logits), accuracy
 
-    def train(self):
-        """Trains to max_training_step; saves every ckpt_save_step, at the end, on Ctrl-C and on
-        SIGTERM."""
+    def train(self, sigterm):
+        """Trains to max_training_step; saves every ckpt_save_step, at the end, on Ctrl-C, and on
+        SIGTERM (`sigterm`, the threading.Event the signal sets): alone, at the end of the update
+        it came in; in a cluster, at the end of the next, where every worker stops with it."""
         config = self.config
         examples_per_step = self.passes * self.examples_per_pass
         self.started = time.time()
@@ -412,9 +422,17 @@ class Trainer:
         window = []  # (loss, accuracy, seconds) since the last log line
         try:
             while self.step < config.max_training_step:
+                if sigterm.is_set():
+                    if self.share.workers == 1:
+                        raise util.Terminated()
+                    self.stop_requested.assign(1.0)
                 learning_rate = float(self.optimizer.learning_rate)  # the rate of this update
                 start = time.time()
-                loss, accuracy, gradient_norm = (float(v) for v in self.train_step())
+                loss, accuracy, gradient_norm, stopping = self.update()
+                if stopping:
+                    if not sigterm.is_set():
+                        log.info("another worker was sent SIGTERM: every worker stops here")
+                    raise util.Terminated()
                 self.first_update_done = self.first_update_done or time.time()
                 window.append((loss, accuracy, time.time() - start))
                 step = self.step
@@ -439,6 +457,26 @@ class Trainer:
             self.save()
             raise
         self.save()
+
+    def update(self):
+        """train_step's results as Python numbers. In a cluster, a worker that stops taking part
+        (killed, crashed, unreachable) fails the update's all-reduce on the others: one line
+        that says how to continue, instead of TensorFlow's traceback."""
+        update = self.step + 1
+        try:
+            return [float(value) for value in self.train_step()]
+        except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+                tf.errors.DeadlineExceededError) as error:
+            if self.share.workers == 1:
+                raise
+            # The chief's checkpoints, which every worker continues from.
+            latest = os.path.isdir(self.run_dir) and tf.train.latest_checkpoint(self.run_dir)
+            raise WorkerLost(
+                f"lost contact with another worker in update {update} "
+                f"({type(error).__name__}) — " + (
+                    f"start every worker again with --run_dir {self.run_dir} to continue from "
+                    f"{latest}" if latest else "no checkpoint was saved; start every worker "
+                    "again")) from None
 
     def check_finite(self, step, loss, gradient_norm):
         """Stops a diverging run at the update whose loss or gradient norm is not finite. Under
@@ -497,6 +535,10 @@ class Trainer:
 class Diverged(UsageError):
     """A non-finite loss, gradient or weight: a one-line error like a bad flag, since the usual
     remedy is a lower --learning_rate."""
+
+
+class WorkerLost(UsageError):
+    """Another worker of the cluster stopped taking part in the updates: a one-line error."""
 
 
 def check_can_continue(config, prefix, source_config):
@@ -585,8 +627,8 @@ def main(argv=None):
     log.info("%s; %s", distribution.describe(strategy), batch_semantics(trainer))
     finished = False
     try:
-        with util.sigterm_as_interrupt():
-            trainer.train()
+        with util.sigterm_recorded() as sigterm:
+            trainer.train(sigterm)
         finished = True
     except util.Terminated:
         raise SystemExit(TERMINATED_STATUS)

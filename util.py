@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 
@@ -79,18 +80,19 @@ def run_cli(main):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler preempting the job), raised where the program is, as Ctrl-C raises
-    KeyboardInterrupt, so the same handlers save before exiting."""
+    """SIGTERM (a scheduler preempting the job), raised by the trainer between two updates as
+    Ctrl-C raises KeyboardInterrupt, so that the same handlers save before exiting."""
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block, SIGTERM raises Terminated."""
-    def handler(signum, frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, handler)
+def sigterm_recorded():
+    """Within the block, SIGTERM does not stop the program: it sets the threading.Event this
+    yields, and the trainer stops at the end of an update (on every worker of a cluster, the
+    same one)."""
+    received = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -155,28 +155,80 @@ def free_ports(count):
     return ports
 
 
-def test_two_workers_train_as_one_replica_of_their_batch(one_replica, tmp_path):
-    """Two processes of MultiWorkerMirroredStrategy, each with 4 examples of every update: GN
-    ends where one replica with all 8 does; only the chief writes the run directory."""
+def start_workers(tmp_path, *flags):
+    """Two trainer.py processes of MultiWorkerMirroredStrategy training one run in
+    <tmp_path>/run, each with 4 examples of every update; their temporary files go to
+    <tmp_path>/tmp, their output to <tmp_path>/worker<index>.log."""
     workers = [f"localhost:{port}" for port in free_ports(2)]
-    run_dir, scratch = tmp_path / "run", tmp_path / "tmp"
-    scratch.mkdir()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
     processes = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         processes.append(start_trainer(
-            run_dir, "--strategy", "multi_worker", "--norm_type", "group", "--batch_size", "4",
+            tmp_path / "run", "--strategy", "multi_worker", "--norm_type", "group",
+            "--batch_size", "4", *flags,
             env={"TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)},
             log_path=tmp_path / f"worker{index}.log"))
-    outputs = [finish(process) for process in processes]
+    return processes
+
+
+def wait_for_output(process, text, timeout=300):
+    """Waits until a running trainer process has printed `text`."""
+    deadline = time.time() + timeout
+    while text not in open(process.log_path).read():
+        assert process.poll() is None and time.time() < deadline, open(process.log_path).read()
+        time.sleep(0.2)
+
+
+def test_two_workers_train_as_one_replica_of_their_batch(one_replica, tmp_path):
+    """Two processes of MultiWorkerMirroredStrategy, each with 4 examples of every update: GN
+    ends where one replica with all 8 does; only the chief writes the run directory."""
+    run_dir = tmp_path / "run"
+    outputs = [finish(process) for process in start_workers(tmp_path)]
     assert_same_weights(final_weights(run_dir), final_weights(one_replica["group"]),
                         rtol=1e-4, atol=1e-5)
     chief_done, worker_done = (output[output.index("done:"):].splitlines()[0]
                                for output in outputs)
     assert chief_done == worker_done  # the same weights give the same test loss and accuracy
     assert "(written by the chief)" in outputs[1]
-    assert os.listdir(scratch) == []  # the other worker removed its temporary checkpoints
+    assert os.listdir(tmp_path / "tmp") == []  # the other worker removed its temporary checkpoints
     assert os.path.exists(run_dir / "result.json")
+
+
+def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(tmp_path):
+    """A scheduler preempting one worker of a cluster (SIGTERM to the non-chief): both workers
+    end the next update, save it and exit 143, and the same two commands continue from there."""
+    processes = start_workers(tmp_path, "--max_training_step", "1000")
+    for process in processes:
+        wait_for_output(process, "[train step")
+    processes[1].send_signal(signal.SIGTERM)
+    assert [process.wait(120) for process in processes] == [trainer.TERMINATED_STATUS] * 2
+    outputs = [open(process.log_path).read() for process in processes]
+    steps = {int(output.split("terminated at step ")[1].split()[0]) for output in outputs}
+    assert len(steps) == 1, outputs
+    step = steps.pop()
+    assert "another worker was sent SIGTERM" in outputs[0]
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith(f"model-{step}")
+    continued = [finish(process)
+                 for process in start_workers(tmp_path, "--max_training_step", str(step + 2))]
+    for output in continued:
+        assert f"model-{step} at step {step}" in output and f"done: step {step + 2}" in output
+
+
+def test_a_killed_worker_is_one_line_on_the_other(tmp_path):
+    """kill -9 of one worker fails the next all-reduce of the other, which says in one line
+    (no traceback, exit status 2) how to continue from the last checkpoint."""
+    processes = start_workers(tmp_path, "--max_training_step", "1000", "--ckpt_save_step", "2")
+    wait_for_output(processes[0], "saved checkpoint")
+    processes[1].kill()
+    assert processes[0].wait(120) == 2
+    output = open(processes[0].log_path).read()
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    assert "lost contact with another worker in update" in errors[0]
+    assert f"start every worker again with --run_dir {tmp_path / 'run'} to continue from" \
+        in errors[0]
 
 
 def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
@@ -185,10 +237,7 @@ def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
     run_dir = tmp_path / "run"
     flags = ["--norm_type", "group", "--batch_size", "8", "--max_training_step", "1000"]
     process = start_trainer(run_dir, *flags)
-    deadline = time.time() + 300
-    while "[train step" not in open(process.log_path).read():
-        assert process.poll() is None and time.time() < deadline, open(process.log_path).read()
-        time.sleep(0.2)
+    wait_for_output(process, "[train step")
     process.send_signal(signal.SIGTERM)
     assert process.wait(120) == trainer.TERMINATED_STATUS
     output = open(process.log_path).read()
