@@ -51,13 +51,36 @@ def restore_model(prefix, config, data, strategy=None):
         model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
                                       config["norm_type"], config["groups"],
                                       config["weight_std"], config["dropout"])
+    restore_weights(model, prefix)
+    return model
+
+
+RESTORE_ERRORS = (AssertionError, ValueError, tf.errors.OpError)
+
+
+def restore_weights(model, prefix):
+    """Restores the weights of `model`, built from the config.json of the run that wrote
+    checkpoint `prefix`. When they do not fit, the network those flags build has changed since
+    (the `conv` net pooled its last map before it flattened it): a one-line error."""
     try:
         tf.train.Checkpoint(model=model).restore(prefix).expect_partial() \
             .assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise UsageError(f"checkpoint {prefix} does not match its run's config.json "
-                         f"({str(error).strip().splitlines()[0]})") from None
-    return model
+    except RESTORE_ERRORS as error:
+        quiet_failed_restore()
+        raise UsageError(f"checkpoint {prefix} does not fit the network its run's config.json "
+                         f"describes ({first_line(error)}) — it was written by another version "
+                         "of model.py; evaluate it with that version, or train a new run") from None
+
+
+def quiet_failed_restore():
+    """A restore that fails half-way warns, when its objects are deleted (at exit), about every
+    value it did not restore: dozens of lines after the one-line error. TensorFlow's Python
+    warnings are silenced from then on."""
+    tf.get_logger().setLevel("ERROR")
+
+
+def first_line(error):
+    return str(error).strip().splitlines()[0]
 
 
 def evaluate(model, dataset, num_classes, strategy=None):

@@ -40,8 +40,9 @@ from datasets import registry
 from kernels import optimizers
 from util import UsageError, log
 
-# Flags that define the network: a checkpoint only continues with the same values.
-MODEL_FLAGS = ("model", "norm_type", "groups", "weight_std")
+# Flags that define the network and the optimizer's state: a checkpoint only continues with the
+# same values.
+STATE_FLAGS = ("model", "norm_type", "groups", "weight_std", "optimizer")
 # Flags that define the random streams (input, dropout): their saved positions are used only when
 # these (and the number of workers) are unchanged.
 DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
@@ -331,10 +332,12 @@ class Trainer:
                                     **({"streams": self.streams} if same_data else {}))
         try:
             state.restore(prefix).expect_partial().assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise UsageError(f"checkpoint {prefix} does not match the model of these flags "
-                             f"({first_line}) — pass the flags it was trained with") from None
+        except runs.RESTORE_ERRORS as error:
+            runs.restore_weights(self.model, prefix)  # the network's own error, if it is that
+            runs.quiet_failed_restore()
+            raise UsageError(f"checkpoint {prefix} does not match the training state of these "
+                             f"flags ({runs.first_line(error)}) — pass the flags it was trained "
+                             "with") from None
         # Checkpoints written before the clock was saved have none: it then starts at 0.
         tf.train.Checkpoint(train_seconds=self.clock).restore(prefix).expect_partial()
         if not same_data:
@@ -543,11 +546,12 @@ class WorkerLost(UsageError):
 
 def check_can_continue(config, prefix, source_config):
     """A checkpoint continues only with the same network and optimizer state: the same model
-    flags, loss scaling on or off as before (mixed_float16 wraps the optimizer), and not from a
-    run whose optimizer counted accumulated batches as steps. The batch size, the number of
-    replicas and the accumulation may change: the optimizer state does not depend on them."""
+    flags and optimizer, loss scaling on or off as before (mixed_float16 wraps the optimizer),
+    and not from a run whose optimizer counted accumulated batches as steps. The batch size, the
+    number of replicas and the accumulation may change: the optimizer state does not depend on
+    them."""
     source_config = {"precision": "float32", **source_config}  # runs from before --precision
-    changed = [f for f in MODEL_FLAGS if source_config.get(f) != getattr(config, f)]
+    changed = [f for f in STATE_FLAGS if source_config.get(f) != getattr(config, f)]
     if (source_config["precision"] == "mixed_float16") != (config.precision == "mixed_float16"):
         changed.append("precision")
     if changed:
