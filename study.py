@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import study_report
 import util
-from util import UsageError
+from util import TERMINATED_STATUS, UsageError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_GRID = {"norm_types": ["batch", "group"], "batch_sizes": [1, 2, 4, 8, 16, 32, 64],
@@ -283,9 +284,11 @@ def last_error_line(log_path):
     return lines[-1] if lines else "no output"
 
 
-def train_cells(study, pending, jobs):
+def train_cells(study, pending, jobs, sigterm):
     """Runs the trainer of every pending cell, `jobs` at a time; one line per finished or failed
-    run and a bar over the updates still to make. Returns the failed cells."""
+    run and a bar over the updates still to make. Returns the failed cells. On SIGTERM
+    (`sigterm`, the threading.Event the signal sets) the running trainers are sent it too, so
+    that they save and stop rather than train on with no study to watch them."""
     total_steps = study.max_training_step
     environment = thread_environment(jobs)
     queue, running, failed = list(pending), {}, []
@@ -294,6 +297,10 @@ def train_cells(study, pending, jobs):
                desc="study", dynamic_ncols=True, disable=None)
     try:
         while queue or running:
+            if sigterm.is_set():
+                for _, process, _ in running.values():
+                    process.send_signal(signal.SIGTERM)
+                raise util.Terminated()
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
                 running[cell.name] = (cell, start(trainer_command(study, cell), cell.log_path,
@@ -314,7 +321,7 @@ def train_cells(study, pending, jobs):
                     say(f"FAILED {cell.name}: {last_error_line(cell.log_path)} "
                         f"(log: {cell.log_path})")
     except KeyboardInterrupt:
-        # The trainers got the same Ctrl-C and save a checkpoint; wait for them to finish that.
+        # The trainers got the same Ctrl-C (or SIGTERM) and save a checkpoint; wait for them.
         for _, process, _ in running.values():
             process.wait()
         raise
@@ -343,14 +350,17 @@ def finished_line(cell, wall_seconds):
             f"{result['step']} ({wall_seconds / 60:.1f} min)")
 
 
-def evaluate_precise_bn(study, num_batches):
+def evaluate_precise_bn(study, num_batches, sigterm):
     """Writes <run>/precise_bn.json (evaler.py --precise_bn K --json) for every finished BN run
-    that lacks it for this K. Returns the cells whose evaluation failed."""
+    that lacks it for this K, stopping between runs on SIGTERM. Returns the cells whose
+    evaluation failed."""
     todo = [cell for cell in study.cells()
             if cell.norm_type in BATCH_NORMS and cell.finished()
             and (cell.precise_bn_result() or {}).get("precise_bn") != num_batches]
     failed = []
     for cell in tqdm(todo, desc="precise BN", unit="run", disable=None):
+        if sigterm.is_set():
+            raise util.Terminated()
         result = subprocess.run(precise_bn_command(cell, num_batches), capture_output=True,
                                 text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
@@ -377,15 +387,17 @@ def main(argv=None):
         return
     failed = []
     try:
-        if not args.report:
-            say(f"{study.study_dir}: {len(study.cells())} runs, {len(pending)} to train "
-                f"({args.jobs} at a time)")
-            failed = train_cells(study, pending, args.jobs)
-        if args.precise_bn:
-            failed += evaluate_precise_bn(study, args.precise_bn)
-    except KeyboardInterrupt:
-        say("interrupted: run the same command again to continue")
-        raise SystemExit(130)
+        with util.sigterm_recorded() as sigterm:
+            if not args.report:
+                say(f"{study.study_dir}: {len(study.cells())} runs, {len(pending)} to train "
+                    f"({args.jobs} at a time)")
+                failed = train_cells(study, pending, args.jobs, sigterm)
+            if args.precise_bn:
+                failed += evaluate_precise_bn(study, args.precise_bn, sigterm)
+    except KeyboardInterrupt as interrupt:
+        how = "terminated" if isinstance(interrupt, util.Terminated) else "interrupted"
+        say(f"{how}: run the same command again to continue")
+        raise SystemExit(TERMINATED_STATUS if how == "terminated" else 130)
     written = study_report.write_report(study)
     say(f"wrote {', '.join(map(os.path.basename, written))} to {study.study_dir}" if written
         else "no finished run to report yet")

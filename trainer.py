@@ -38,7 +38,7 @@ import ops
 import runs
 from datasets import registry
 from kernels import optimizers
-from util import UsageError, log
+from util import TERMINATED_STATUS, UsageError, log
 
 # Flags that define the network and the optimizer's state: a checkpoint only continues with the
 # same values.
@@ -46,8 +46,6 @@ STATE_FLAGS = ("model", "norm_type", "groups", "weight_std", "optimizer")
 # Flags that define the random streams (input, dropout): their saved positions are used only when
 # these (and the number of workers) are unchanged.
 DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
-# Exit status after SIGTERM, as a shell reports a process it ended: 128 + 15.
-TERMINATED_STATUS = 143
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
 MAX_SEED = 2**32 - 1  # the largest seed numpy and keras.utils.set_random_seed take
 

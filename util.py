@@ -79,6 +79,10 @@ def run_cli(main):
         sys.exit(2)
 
 
+# Exit status after SIGTERM, as a shell reports a process it ended: 128 + 15.
+TERMINATED_STATUS = 143
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler preempting the job), raised by the trainer between two updates as
     Ctrl-C raises KeyboardInterrupt, so that the same handlers save before exiting."""

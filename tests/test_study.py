@@ -153,6 +153,32 @@ def test_killed_cell_continues_to_the_weights_of_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
+def test_sigterm_stops_the_trainers_too_and_the_same_command_continues(tmp_path):
+    """SIGTERM to study.py alone (a scheduler stopping it): its running trainer is sent SIGTERM
+    too and saves, rather than training on with no study to watch it; the study exits 143 once
+    the trainer has, and the same command continues the cell from that checkpoint."""
+    flags = ["--norm_types", "group", "--batch_sizes", "8", "--precise_bn", "0",
+             "--max_training_step", "60", "--max_batch_size", "16", "--log_step", "1"]
+    study_dir = tmp_path / "study"
+    log = study_dir / "logs" / "group-bs8-seed0.log"
+    process = subprocess.Popen([sys.executable, "study.py", "--study_dir", str(study_dir),
+                                *flags], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (log.exists() and "[train step" in log.read_text()):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == util.TERMINATED_STATUS, stderr
+    assert "terminated: run the same command again to continue" in stderr
+    step = int(log.read_text().split("terminated at step ")[1].split()[0])
+    assert 1 <= step < 60
+    assert run_study(study_dir, *flags) == 0
+    assert f"model-{step} at step {step}" in log.read_text()
+    assert study.Cell("group", 8, 0, str(study_dir)).finished()
+
+
 def test_failed_cells_are_reported_and_the_others_finish(tmp_path, capsys):
     """--groups 48 does not divide the conv net's 64 channels: the GN cell fails, BN trains."""
     study_dir = tmp_path / "partial"
