@@ -414,8 +414,8 @@ class Trainer:
 
     def train(self, sigterm):
         """Trains to max_training_step; saves every ckpt_save_step, at the end, on Ctrl-C, and on
-        SIGTERM (`sigterm`, the threading.Event the signal sets): alone, at the end of the update
-        it came in; in a cluster, at the end of the next, where every worker stops with it."""
+        SIGTERM (`sigterm`, the threading.Event the signal sets): on one worker at the end of the
+        update it came in, in a cluster at the end of the next, where every worker stops."""
         config = self.config
         examples_per_step = self.passes * self.examples_per_pass
         self.started = time.time()
@@ -463,7 +463,7 @@ class Trainer:
         """train_step's results as Python numbers. In a cluster, a worker that stops taking part
         (killed, crashed, unreachable) fails the update's all-reduce on the others: one line
         that says how to continue, instead of TensorFlow's traceback."""
-        update = self.step + 1
+        number = self.step + 1
         try:
             return [float(value) for value in self.train_step()]
         except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
@@ -473,7 +473,7 @@ class Trainer:
             # The chief's checkpoints, which every worker continues from.
             latest = os.path.isdir(self.run_dir) and tf.train.latest_checkpoint(self.run_dir)
             raise WorkerLost(
-                f"lost contact with another worker in update {update} "
+                f"lost contact with another worker in update {number} "
                 f"({type(error).__name__}) — " + (
                     f"start every worker again with --run_dir {self.run_dir} to continue from "
                     f"{latest}" if latest else "no checkpoint was saved; start every worker "

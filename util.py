@@ -84,15 +84,16 @@ TERMINATED_STATUS = 143
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler preempting the job), raised by the trainer between two updates as
-    Ctrl-C raises KeyboardInterrupt, so that the same handlers save before exiting."""
+    """SIGTERM (a scheduler preempting the job), raised where the program finds it recorded (see
+    `sigterm_recorded`) as Ctrl-C raises KeyboardInterrupt, so that the same handlers save
+    before exiting."""
 
 
 @contextlib.contextmanager
 def sigterm_recorded():
     """Within the block, SIGTERM does not stop the program: it sets the threading.Event this
-    yields, and the trainer stops at the end of an update (on every worker of a cluster, the
-    same one)."""
+    yields, which the program checks where it can stop cleanly (the trainer between updates, on
+    every worker of a cluster after the same one; study.py between looks at its trainers)."""
     received = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
     try:
