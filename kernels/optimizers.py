@@ -13,6 +13,8 @@ gradient clipping, loss scaling and tf.distribute's per-device updates. Momentum
 numbers bit for bit. Adam differs from Keras's in the last bits of float32: TensorFlow's kernel
 forms 1 - beta in float32 where Keras forms it in Python's float64.
 """
+import types
+
 import keras
 import tensorflow as tf
 
@@ -22,13 +24,16 @@ class FusedUpdates:
     computed on the first variable of each dtype and shared by the rest."""
 
     def apply(self, grads, trainable_variables=None):
-        self._scalars = {}
+        # A namespace rather than a dict: Keras tracks a dict set on an optimizer, and its
+        # checkpoints would hold a node for it.
+        self._update = types.SimpleNamespace(scalars={})
         return super().apply(grads, trainable_variables)
 
     def scalars(self, dtype, learning_rate):
-        if dtype not in self._scalars:
-            self._scalars[dtype] = self.update_scalars(dtype, learning_rate)
-        return self._scalars[dtype]
+        by_dtype = self._update.scalars
+        if dtype not in by_dtype:
+            by_dtype[dtype] = self.update_scalars(dtype, learning_rate)
+        return by_dtype[dtype]
 
 
 class Adam(FusedUpdates, keras.optimizers.Adam):
