@@ -68,7 +68,7 @@ def restore_weights(model, prefix):
     except RESTORE_ERRORS as error:
         quiet_failed_restore()
         raise UsageError(f"checkpoint {prefix} does not fit the network its run's config.json "
-                         f"describes ({first_line(error)}) — it was written by another version "
+                         f"describes ({util.first_line(error)}) — it was written by another version "
                          "of model.py; evaluate it with that version, or train a new run") from None
 
 
@@ -77,10 +77,6 @@ def quiet_failed_restore():
     value it did not restore: dozens of lines after the one-line error. TensorFlow's Python
     warnings are silenced from then on."""
     tf.get_logger().setLevel("ERROR")
-
-
-def first_line(error):
-    return str(error).strip().splitlines()[0]
 
 
 def evaluate(model, dataset, num_classes, strategy=None):

@@ -394,10 +394,12 @@ def main(argv=None):
                 failed = train_cells(study, pending, args.jobs, sigterm)
             if args.precise_bn:
                 failed += evaluate_precise_bn(study, args.precise_bn, sigterm)
-    except KeyboardInterrupt as interrupt:
-        how = "terminated" if isinstance(interrupt, util.Terminated) else "interrupted"
-        say(f"{how}: run the same command again to continue")
-        raise SystemExit(TERMINATED_STATUS if how == "terminated" else 130)
+    except util.Terminated:
+        say("terminated: run the same command again to continue")
+        raise SystemExit(TERMINATED_STATUS)
+    except KeyboardInterrupt:
+        say("interrupted: run the same command again to continue")
+        raise SystemExit(130)
     written = study_report.write_report(study)
     say(f"wrote {', '.join(map(os.path.basename, written))} to {study.study_dir}" if written
         else "no finished run to report yet")

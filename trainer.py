@@ -334,7 +334,7 @@ class Trainer:
             runs.restore_weights(self.model, prefix)  # the network's own error, if it is that
             runs.quiet_failed_restore()
             raise UsageError(f"checkpoint {prefix} does not match the training state of these "
-                             f"flags ({runs.first_line(error)}) — pass the flags it was trained "
+                             f"flags ({util.first_line(error)}) — pass the flags it was trained "
                              "with") from None
         # Checkpoints written before the clock was saved have none: it then starts at 0.
         tf.train.Checkpoint(train_seconds=self.clock).restore(prefix).expect_partial()
@@ -471,7 +471,7 @@ class Trainer:
             if self.share.workers == 1:
                 raise
             # The chief's checkpoints, which every worker continues from.
-            latest = os.path.isdir(self.run_dir) and tf.train.latest_checkpoint(self.run_dir)
+            latest = tf.train.latest_checkpoint(self.run_dir)
             raise WorkerLost(
                 f"lost contact with another worker in update {number} "
                 f"({type(error).__name__}) — " + (

@@ -227,6 +227,11 @@ def newest_readable_checkpoint(run_dir):
                      "start a new run")
 
 
+def first_line(error):
+    """An exception's message cut to its first line, for a one-line error."""
+    return str(error).strip().splitlines()[0]
+
+
 def unreadable(prefix):
     """Why checkpoint `prefix` cannot be read (the first line of the error), or None. A truncated
     or damaged data file shows only when its values are read, so every value is read (the input
@@ -239,7 +244,7 @@ def unreadable(prefix):
             if dtype != tf.variant:
                 reader.get_tensor(name)
     except (tf.errors.OpError, ValueError, IndexError) as error:
-        return str(error).strip().splitlines()[0]
+        return first_line(error)
     return None
 
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -20,7 +19,7 @@ import tensorflow as tf
 import evaler
 import ops
 import trainer
-from test_train_eval import REPO, checkpoint_values, cli_error
+from test_train_eval import REPO, checkpoint_values, cli_error, wait_for_text
 
 # 3 updates of 8 examples on the sample, no dropout or augmentation: the runs below differ only
 # in how the 8 examples of an update are spread over replicas.
@@ -173,14 +172,6 @@ def start_workers(tmp_path, *flags):
     return processes
 
 
-def wait_for_output(process, text, timeout=300):
-    """Waits until a running trainer process has printed `text`."""
-    deadline = time.time() + timeout
-    while text not in open(process.log_path).read():
-        assert process.poll() is None and time.time() < deadline, open(process.log_path).read()
-        time.sleep(0.2)
-
-
 def test_two_workers_train_as_one_replica_of_their_batch(one_replica, tmp_path):
     """Two processes of MultiWorkerMirroredStrategy, each with 4 examples of every update: GN
     ends where one replica with all 8 does; only the chief writes the run directory."""
@@ -201,7 +192,7 @@ def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(tmp_path):
     end the next update, save it and exit 143, and the same two commands continue from there."""
     processes = start_workers(tmp_path, "--max_training_step", "1000")
     for process in processes:
-        wait_for_output(process, "[train step")
+        wait_for_text(process, process.log_path, "[train step")
     processes[1].send_signal(signal.SIGTERM)
     assert [process.wait(120) for process in processes] == [trainer.TERMINATED_STATUS] * 2
     outputs = [open(process.log_path).read() for process in processes]
@@ -220,7 +211,7 @@ def test_a_killed_worker_is_one_line_on_the_other(tmp_path):
     """kill -9 of one worker fails the next all-reduce of the other, which says in one line
     (no traceback, exit status 2) how to continue from the last checkpoint."""
     processes = start_workers(tmp_path, "--max_training_step", "1000", "--ckpt_save_step", "2")
-    wait_for_output(processes[0], "saved checkpoint")
+    wait_for_text(processes[0], processes[0].log_path, "saved checkpoint")
     processes[1].kill()
     assert processes[0].wait(120) == 2
     output = open(processes[0].log_path).read()
@@ -237,7 +228,7 @@ def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
     run_dir = tmp_path / "run"
     flags = ["--norm_type", "group", "--batch_size", "8", "--max_training_step", "1000"]
     process = start_trainer(run_dir, *flags)
-    wait_for_output(process, "[train step")
+    wait_for_text(process, process.log_path, "[train step")
     process.send_signal(signal.SIGTERM)
     assert process.wait(120) == trainer.TERMINATED_STATUS
     output = open(process.log_path).read()

@@ -667,7 +667,7 @@ def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
 
 
 def test_conv2d_keeps_tensorflows_convolution_where_a_gpu_is_visible(monkeypatch):
-    """The patches path was tuned on a CPU; on a GPU cuDNN's convolution is the likely faster one."""
+    """The patches path was tuned on a CPU; on a GPU cuDNN's convolution is likely the faster."""
     patches = []
     original = ops.Conv2D._patches_times_kernel
     monkeypatch.setattr(ops.Conv2D, "_patches_times_kernel",

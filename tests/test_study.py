@@ -17,6 +17,7 @@ import tensorflow as tf
 
 import study
 import util
+from test_train_eval import wait_for_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each cell: 4 updates of 16 examples, two batches of 8 when the batch is 8.
@@ -164,10 +165,7 @@ def test_sigterm_stops_the_trainers_too_and_the_same_command_continues(tmp_path)
     process = subprocess.Popen([sys.executable, "study.py", "--study_dir", str(study_dir),
                                 *flags], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while not (log.exists() and "[train step" in log.read_text()):
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.2)
+    wait_for_text(process, log, "[train step", timeout=180)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == util.TERMINATED_STATUS, stderr

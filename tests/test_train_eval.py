@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -43,6 +44,15 @@ def cli_error(main, argv, capsys):
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: ")
     return last_line
+
+
+def wait_for_text(process, path, text, timeout=300):
+    """Waits until the file `path`, written by the running `process`, holds `text`."""
+    deadline = time.time() + timeout
+    while not (os.path.exists(path) and text in open(path).read()):
+        assert process.poll() is None and time.time() < deadline, \
+            open(path).read() if os.path.exists(path) else f"{path} was not written"
+        time.sleep(0.2)
 
 
 def read_events(directory):
