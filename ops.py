@@ -33,6 +33,7 @@ from kernels.group_norm import cpp_kernels_usable, gpu_visible, switched_off
 from kernels.group_norm import in_xla_function as _in_xla_function
 
 NORM_TYPES = ("batch", "sync_batch", "group", "layer", "instance", "none")
+DEFAULT_GROUPS = 32  # the paper's G
 
 
 _plain_ops = threading.local()
@@ -68,8 +69,11 @@ class GroupNorm(keras.layers.Layer):
     """Group Normalization, a drop-in for `keras.layers.GroupNormalization` with faster kernels.
 
     Args:
-        groups: number of channel groups G; the channel count C must be a multiple of G. -1 means
-            one group per channel (instance norm).
+        groups: number of channel groups G (default 32); the channel count C must be a multiple
+            of G. -1 means one group per channel (instance norm).
+        channels_per_group: instead of `groups`, the channels of each group (the paper's Table 3,
+            lower half): G = C / channels_per_group, so layers of different widths get different
+            group counts. Pass one of `groups` and `channels_per_group`, not both.
         axis: the channel axis (any but the batch axis, 0). The fast kernels serve the last axis;
             any other axis takes the plain TensorFlow ops.
         epsilon: added to the group variance before the square root (Keras's default, 1e-3;
@@ -101,16 +105,27 @@ class GroupNorm(keras.layers.Layer):
     select the plain ops (`kernels.group_norm.plain`) and TensorFlow's autodiff.
     """
 
-    def __init__(self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True,
+    def __init__(self, groups=None, axis=-1, epsilon=1e-3, center=True, scale=True,
                  beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
-                 gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, **kwargs):
+                 gamma_regularizer=None, beta_constraint=None, gamma_constraint=None,
+                 channels_per_group=None, **kwargs):
         super().__init__(**kwargs)
-        if not _is_integer(groups) or (groups < 1 and groups != -1):
-            raise ValueError(f"GroupNorm: groups must be a positive integer, or -1 for one group "
-                             f"per channel, got groups={groups!r}")
+        if groups is not None and channels_per_group is not None:
+            raise ValueError(f"GroupNorm: pass groups or channels_per_group, not both (got "
+                             f"groups={groups!r}, channels_per_group={channels_per_group!r})")
+        if channels_per_group is None:
+            groups = DEFAULT_GROUPS if groups is None else groups
+            if not _is_integer(groups) or (groups < 1 and groups != -1):
+                raise ValueError(f"GroupNorm: groups must be a positive integer, or -1 for one "
+                                 f"group per channel, got groups={groups!r}")
+            groups = int(groups)
+        elif not _is_integer(channels_per_group) or channels_per_group < 1:
+            raise ValueError(f"GroupNorm: channels_per_group must be a positive integer, got "
+                             f"channels_per_group={channels_per_group!r}")
         if not _is_integer(axis):
             raise ValueError(f"GroupNorm: axis must be one integer, got axis={axis!r}")
-        self.groups = int(groups)
+        self.groups = groups  # known once built when channels_per_group is given
+        self.channels_per_group = None if channels_per_group is None else int(channels_per_group)
         self.axis = int(axis)
         self.epsilon = epsilon
         self.center = center
@@ -135,6 +150,13 @@ class GroupNorm(keras.layers.Layer):
         if channels is None:
             raise ValueError(f"GroupNorm needs a known channel count on axis {self.axis}, got "
                              f"shape {input_shape}")
+        if self.channels_per_group is not None:
+            if channels % self.channels_per_group:
+                raise ValueError(
+                    f"GroupNorm: C={channels} channels do not split into groups of "
+                    f"channels_per_group={self.channels_per_group}; choose a number of channels "
+                    f"per group that divides {channels}")
+            self.groups = channels // self.channels_per_group
         if self.groups == -1:
             self.groups = channels
         if channels % self.groups:
@@ -185,15 +207,19 @@ class GroupNorm(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
+        """Keras's GroupNormalization's keys, and channels_per_group where it sizes the groups."""
         serialize = keras.saving.serialize_keras_object
-        return {**super().get_config(), "groups": self.groups, "axis": self.axis,
-                "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
-                "beta_initializer": serialize(self.beta_initializer),
-                "gamma_initializer": serialize(self.gamma_initializer),
-                "beta_regularizer": serialize(self.beta_regularizer),
-                "gamma_regularizer": serialize(self.gamma_regularizer),
-                "beta_constraint": serialize(self.beta_constraint),
-                "gamma_constraint": serialize(self.gamma_constraint)}
+        config = {**super().get_config(), "groups": self.groups, "axis": self.axis,
+                  "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
+                  "beta_initializer": serialize(self.beta_initializer),
+                  "gamma_initializer": serialize(self.gamma_initializer),
+                  "beta_regularizer": serialize(self.beta_regularizer),
+                  "gamma_regularizer": serialize(self.gamma_regularizer),
+                  "beta_constraint": serialize(self.beta_constraint),
+                  "gamma_constraint": serialize(self.gamma_constraint)}
+        if self.channels_per_group is not None:
+            config.update(groups=None, channels_per_group=self.channels_per_group)
+        return config
 
 
 def from_keras_group_norm(model):
@@ -502,25 +528,27 @@ def _leaky_relu(inputs, negative_slope):
     return forward(inputs)
 
 
-def norm_layer(norm_type, channels, groups=32, name=None):
-    """The layer for a `--norm_type` value, for an input with `channels` channels."""
+def norm_layer(norm_type, channels, groups=DEFAULT_GROUPS, name=None, channels_per_group=None,
+               gamma_initializer="ones"):
+    """The layer for a `--norm_type` value, for an input with `channels` channels. GN takes
+    `channels_per_group` instead of `groups` when it is given."""
     if norm_type in ("batch", "sync_batch"):
-        return BatchNorm(momentum=0.9, epsilon=1e-5, name=name,
+        return BatchNorm(momentum=0.9, epsilon=1e-5, name=name, gamma_initializer=gamma_initializer,
                          synchronized=norm_type == "sync_batch")
-    if norm_type == "group":
-        return GroupNorm(groups=groups, epsilon=1e-5, name=name)
-    if norm_type == "layer":
-        return GroupNorm(groups=1, epsilon=1e-5, name=name)
-    if norm_type == "instance":
-        return GroupNorm(groups=channels, epsilon=1e-5, name=name)
+    group_counts = {"group": None if channels_per_group else groups, "layer": 1,
+                    "instance": channels}
+    if norm_type in group_counts:
+        return GroupNorm(groups=group_counts[norm_type], epsilon=1e-5, name=name,
+                         channels_per_group=channels_per_group if norm_type == "group" else None,
+                         gamma_initializer=gamma_initializer)
     if norm_type == "none":
         return keras.layers.Identity(name=name)
     raise ValueError(f"unknown norm_type {norm_type!r}; choose one of {', '.join(NORM_TYPES)}")
 
 
-def norm(x, norm_type, groups=32, name=None):
-    """Applies `norm_layer(norm_type, ...)` sized for `x`."""
-    return norm_layer(norm_type, x.shape[-1], groups, name=name)(x)
+def norm(x, norm_type, groups=DEFAULT_GROUPS, name=None, **options):
+    """Applies `norm_layer(norm_type, ..., **options)` sized for `x`."""
+    return norm_layer(norm_type, x.shape[-1], groups, name=name, **options)(x)
 
 
 def conv2d(x, filters, kernel_size=3, strides=1, weight_std=False, use_bias=False, name=None):
@@ -535,24 +563,32 @@ def fc(x, units, activation=None, name=None):
 
 
 def conv_norm_act(x, filters, norm_type, groups, weight_std, kernel_size=3, strides=1,
-                  activation="relu", name=None):
-    """conv -> norm -> activation, the unit of the residual nets."""
+                  activation="relu", name=None, channels_per_group=None, zero_gamma=False):
+    """conv -> norm -> activation, the unit of the residual nets; `zero_gamma` starts the norm's
+    scale at 0 (with norm_type none, where there is no scale, it is refused)."""
+    if zero_gamma and norm_type == "none":
+        raise ValueError("zero_gamma needs a normalization layer, and norm_type is none")
     x = conv2d(x, filters, kernel_size, strides, weight_std, use_bias=norm_type == "none",
                name=f"{name}_conv")
-    x = norm(x, norm_type, groups, name=f"{name}_norm")
+    x = norm(x, norm_type, groups, name=f"{name}_norm", channels_per_group=channels_per_group,
+             gamma_initializer="zeros" if zero_gamma else "ones")
     return keras.layers.Activation(activation, name=f"{name}_act")(x) if activation else x
 
 
-def residual_block(x, filters, norm_type, groups=32, weight_std=False, strides=1, name=None):
+def residual_block(x, filters, norm_type, groups=DEFAULT_GROUPS, weight_std=False, strides=1,
+                   name=None, channels_per_group=None, zero_init=False):
     """The basic residual block of He et al. 2016: two 3x3 conv-norm units and a shortcut that is
-    the identity, or a 1x1 conv + norm where the shape changes."""
+    the identity, or a 1x1 conv + norm where the shape changes. `zero_init` starts the scale of
+    the second unit's norm at 0, so that the block begins as its shortcut (Goyal et al. 2017;
+    the GN paper's recipe)."""
     shortcut = x
+    options = dict(norm_type=norm_type, groups=groups, weight_std=weight_std,
+                   channels_per_group=channels_per_group)
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = conv_norm_act(x, filters, norm_type, groups, weight_std, kernel_size=1,
-                                 strides=strides, activation=None, name=f"{name}_shortcut")
-    y = conv_norm_act(x, filters, norm_type, groups, weight_std, strides=strides,
-                      name=f"{name}_a")
-    y = conv_norm_act(y, filters, norm_type, groups, weight_std, activation=None,
-                      name=f"{name}_b")
+        shortcut = conv_norm_act(x, filters, kernel_size=1, strides=strides, activation=None,
+                                 name=f"{name}_shortcut", **options)
+    y = conv_norm_act(x, filters, strides=strides, name=f"{name}_a", **options)
+    y = conv_norm_act(y, filters, activation=None, name=f"{name}_b", zero_gamma=zero_init,
+                      **options)
     y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
     return keras.layers.Activation("relu", name=f"{name}_out")(y)

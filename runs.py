@@ -50,7 +50,8 @@ def restore_model(prefix, config, data, strategy=None):
     with (strategy or tf.distribute.get_strategy()).scope():
         model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
                                       config["norm_type"], config["groups"],
-                                      config["weight_std"], config["dropout"])
+                                      config["weight_std"], config["dropout"],
+                                      config.get("channels_per_group"))
     restore_weights(model, prefix)
     return model
 

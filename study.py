@@ -1,12 +1,20 @@
-"""The batch-size study: normalization types x batch sizes x seeds, one trainer.py run per cell,
-collated into a table and figures.
+"""The batch-size study: normalization types x batch sizes x seeds (x GN group sizes), one
+trainer.py run per cell, collated into a table and figures.
 
     python study.py                                  # sample, conv, BN and GN at batch 1-64, seed 0
     python study.py --seeds 0 1 2                    # the same study with two more seeds
     python study.py --dataset Fashion --model resnet20 --groups 8 --batch_sizes 2 4 8 16 32 \\
         --max_training_step 1000 --jobs 2
+    python study.py --protocol paper --epochs 3 --dataset Fashion --model resnet20 --groups 8 \\
+        --optimizer momentum --lr_schedule step --weight_decay 1e-4 --zero_init_residual
+    python study.py --norm_types group --batch_sizes 32 --group_counts 1 2 4 8 16 ...
     python study.py --print_commands                 # trainer commands of unfinished cells
     python study.py --report                         # collate what exists, train nothing
+
+Protocols: `fixed_update` (the default) makes every cell's updates the same --max_batch_size
+examples, accumulated over batches: only the normalization changes. `paper` is the GN paper's: a
+cell of batch N averages --devices_per_update x N examples per update (its 8 GPUs), at
+--learning_rate x (update size) / --reference_batch, for the same --epochs at every N.
 
 Every flag not listed below is a trainer.py flag (`python trainer.py --help`) and goes to every
 run unchanged. Running the same command again skips finished runs and continues interrupted ones
@@ -16,7 +24,9 @@ logs/<cell>.log, and results.csv, results.md, accuracy_vs_batch.png, curves.png.
 """
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
 import shlex
@@ -33,7 +43,20 @@ from util import TERMINATED_STATUS, UsageError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_GRID = {"norm_types": ["batch", "group"], "batch_sizes": [1, 2, 4, 8, 16, 32, 64],
-                "seeds": [0]}
+                "seeds": [0], "group_counts": [], "channels_per_group_list": []}
+# A norm type of the grid may carry "+ws": the cell also passes --weight_std (GN + WS).
+WEIGHT_STD_SUFFIX = "+ws"
+# Norm types whose groups the grid's --group_counts and --channels_per_group_list set.
+GROUPED_NORMS = ("group", "group" + WEIGHT_STD_SUFFIX)
+PROTOCOLS = ("fixed_update", "paper")
+# The paper's protocol: 8 GPUs, learning rate 0.1 for 256 examples per update.
+PAPER_DEFAULTS = {"devices_per_update": 8, "reference_batch": 256}
+# Trainer flags the paper's protocol derives for each cell, and what sets them instead.
+PAPER_MANAGED_FLAGS = {"--max_batch_size": "--devices_per_update",
+                       "--max_training_step": "--epochs",
+                       "--no_adjust_learning_rate": "nothing (an update is devices_per_update x "
+                                                    "batch examples)"}
+GROUP_FLAGS = ("--groups", "--channels_per_group")
 # Trainer flags the study sets itself for each cell, and what to pass instead.
 STUDY_MANAGED_FLAGS = {"--norm_type": "--norm_types", "--batch_size": "--batch_sizes",
                        "--seed": "--seeds", "--run_dir": "--study_dir",
@@ -50,10 +73,32 @@ def parse_args(argv=None):
     grid = parser.add_argument_group("the grid (default: batch group / 1 2 4 8 16 32 64 / 0; "
                                      "in an existing --study_dir, its grid)")
     grid.add_argument("--norm_types", nargs="+", metavar="NORM",
-                      help="--norm_type values: batch, sync_batch, group, layer, instance, none")
+                      help="--norm_type values: batch, sync_batch, group, layer, instance, none; "
+                           "NORM+ws adds --weight_std (group+ws: GN + WS)")
     grid.add_argument("--batch_sizes", nargs="+", type=int, metavar="B",
                       help="--batch_size values (examples per normalization statistic)")
     grid.add_argument("--seeds", nargs="+", type=int, metavar="S", help="--seed values")
+    grid.add_argument("--group_counts", nargs="+", type=int, metavar="G",
+                      help="--groups values of the GN cells (the paper's Table 3)")
+    grid.add_argument("--channels_per_group_list", nargs="+", type=int, metavar="C",
+                      help="--channels_per_group values of the GN cells, beside --group_counts")
+    protocol = parser.add_argument_group(
+        "the protocol (default: fixed_update; in an existing --study_dir, its own)")
+    protocol.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                          help="fixed_update: every cell's updates are --max_batch_size examples; "
+                               "paper: devices_per_update x batch examples, the learning rate "
+                               "scaled with them, the same --epochs in every cell")
+    protocol.add_argument("--epochs", type=float, default=None,
+                          help="paper: passes over the training set of every cell; its updates "
+                               "are epochs x training examples / update size, rounded up")
+    protocol.add_argument("--devices_per_update", type=int, default=None, metavar="D",
+                          help="paper: the batches per update, the paper's GPUs (default: "
+                               f"{PAPER_DEFAULTS['devices_per_update']}); accumulated over "
+                               "passes, or split over --devices replicas")
+    protocol.add_argument("--reference_batch", type=int, default=None, metavar="R",
+                          help="paper: the update size at which the learning rate is "
+                               "--learning_rate; an update of U examples takes --learning_rate "
+                               f"x U / R (default: {PAPER_DEFAULTS['reference_batch']})")
     study = parser.add_argument_group("the study")
     study.add_argument("--study_dir", default=None,
                        help="where runs, logs, tables and figures go (default: "
@@ -85,8 +130,7 @@ def check_trainer_flags(flags):
     sets itself."""
     import trainer  # its flag definitions (and TensorFlow); imported here so --help stays quick
 
-    for token in flags:
-        name = token.split("=", 1)[0]
+    for name in flag_names(flags):
         if name in STUDY_MANAGED_FLAGS:
             raise UsageError(f"{name} is set by the study for each run — pass "
                              f"{STUDY_MANAGED_FLAGS[name]} instead")
@@ -99,7 +143,14 @@ def check_trainer_flags(flags):
         raise UsageError(f"{unknown[0]} is neither a study.py nor a trainer.py flag — see "
                          "python study.py --help and python trainer.py --help")
     defaults, config = vars(parser.parse_args([])), vars(config)
+    for settings in (defaults, config):
+        trainer.resolve_groups(settings)
     return {name: value for name, value in config.items() if value != defaults[name]}, config
+
+
+def flag_names(flags):
+    """The flag names among trainer flags as given (`--name value` or `--name=value`)."""
+    return [token.split("=", 1)[0] for token in flags if token.startswith("--")]
 
 
 def default_study_dir(trainer_config):
@@ -115,20 +166,32 @@ class Study:
     study_dir: str
     trainer_flags: list  # as given; passed to every run
     trainer_config: dict  # the settings they change from trainer.py's defaults
+    protocol: dict  # {"name": one of PROTOCOLS, and the paper's epochs, devices_per_update, ...}
     norm_types: list
     batch_sizes: list
     seeds: list
+    group_counts: list
+    channels_per_group_list: list
 
-    RECORDED = ("trainer_flags", "trainer_config", "norm_types", "batch_sizes", "seeds")
+    RECORDED = ("trainer_flags", "trainer_config", "protocol", *DEFAULT_GRID)
 
-    @property
-    def max_training_step(self):
-        return check_trainer_flags(self.trainer_flags)[1]["max_training_step"]
+    @functools.cached_property
+    def settings(self):
+        """Every trainer setting of the study's cells but the grid's and the protocol's."""
+        return check_trainer_flags(self.trainer_flags)[1]
 
     def cells(self):
-        return [Cell(norm_type, batch_size, seed, self.study_dir)
-                for norm_type in self.norm_types for batch_size in self.batch_sizes
-                for seed in self.seeds]
+        return [Cell(norm_type, batch_size, seed, self.study_dir, grouping)
+                for norm_type in self.norm_types for grouping in self.groupings(norm_type)
+                for batch_size in self.batch_sizes for seed in self.seeds]
+
+    def groupings(self, norm_type):
+        """The group sizes of `norm_type`'s cells: ("G", count) and ("C", channels per group)
+        pairs, or [None] (the trainer flags' own)."""
+        if norm_type not in GROUPED_NORMS:
+            return [None]
+        return ([("G", g) for g in self.group_counts] +
+                [("C", c) for c in self.channels_per_group_list]) or [None]
 
     def save(self):
         util.write_json(os.path.join(self.study_dir, "study.json"),
@@ -136,36 +199,72 @@ class Study:
 
 
 def open_study(args):
-    """The study in --study_dir, made or extended by `args`: a new one gets the trainer flags and
-    grid of `args`; an existing one keeps its trainer flags (others are refused) and its grid
-    grows by the norm types, batch sizes and seeds given."""
+    """The study in --study_dir, made or extended by `args`: a new one gets the trainer flags,
+    protocol and grid of `args`; an existing one keeps its trainer flags and protocol (others are
+    refused) and its grid grows by the values given."""
     trainer_config, _ = check_trainer_flags(args.trainer_flags)
     study_dir = args.study_dir or default_study_dir(trainer_config)
     util.check_writable_directory(study_dir, "--study_dir")
     path = os.path.join(study_dir, "study.json")
+    protocol = protocol_of(args)
     if os.path.isfile(path):
-        record = read_json(path)
+        record = {"protocol": {"name": "fixed_update"}, **read_json(path)}
         if args.trainer_flags and trainer_config != record["trainer_config"]:
             made_with = shlex.join(record["trainer_flags"]) or "none"
             raise UsageError(f"{study_dir} was run with other trainer flags ({made_with}) — "
                              "pass those, or another --study_dir")
+        if protocol and protocol != record["protocol"]:
+            raise UsageError(f"{study_dir} was run with {protocol_text(record['protocol'])}, not "
+                             f"{protocol_text(protocol)} — pass those, or another --study_dir")
     elif args.report:
         raise UsageError(f"{study_dir} holds no study (no study.json) — run the study first, "
                          "or pass the --study_dir it was run in")
     else:
         record = {"trainer_flags": args.trainer_flags, "trainer_config": trainer_config,
-                  **{axis: [] for axis in DEFAULT_GRID}}
+                  "protocol": protocol or {"name": "fixed_update"}}
     for axis, default in DEFAULT_GRID.items():
-        given = getattr(args, axis) or ([] if record[axis] else default)
-        record[axis] = extend_axis(record[axis], given, numeric=axis != "norm_types")
+        recorded = record.get(axis, [])
+        given = getattr(args, axis) or ([] if recorded else default)
+        record[axis] = extend_axis(recorded, given, numeric=axis != "norm_types")
     study = Study(study_dir, **{name: record[name] for name in Study.RECORDED})
     check_grid(study)
+    check_protocol(study)
     return study
 
 
+def protocol_of(args):
+    """The protocol `args` ask for ({"name": ..., and the paper's settings}), or None when they
+    name none; one-line errors for the paper's settings without the paper's protocol."""
+    paper_flags = {"epochs": args.epochs, "devices_per_update": args.devices_per_update,
+                   "reference_batch": args.reference_batch}
+    given = [name for name, value in paper_flags.items() if value is not None]
+    if args.protocol != "paper":
+        if given:
+            raise UsageError(f"--{given[0]} sets the paper's protocol — add --protocol paper, or "
+                             f"drop --{given[0]}")
+        return args.protocol and {"name": args.protocol}
+    if args.epochs is None:
+        raise UsageError("--protocol paper trains every cell for the same epochs — pass "
+                         "--epochs E")
+    protocol = {"name": "paper", **PAPER_DEFAULTS,
+                **{name: value for name, value in paper_flags.items() if value is not None}}
+    for name, value in protocol.items():
+        if name != "name" and not value > 0:
+            raise UsageError(f"--{name} must be positive, got {value}")
+    return protocol
+
+
+def protocol_text(protocol):
+    """E.g. '--protocol paper --epochs 3 --devices_per_update 8 --reference_batch 256'."""
+    settings = [("protocol", protocol["name"])] + [
+        (name, protocol[name]) for name in ("epochs", *PAPER_DEFAULTS) if name in protocol]
+    return " ".join(f"--{name} {value:g}" if not isinstance(value, str) else f"--{name} {value}"
+                    for name, value in settings)
+
+
 def extend_axis(values, more, numeric):
-    """`values` and the new ones of `more`: batch sizes and seeds in numeric order, norm types in
-    the order they were first given."""
+    """`values` and the new ones of `more`: numbers in numeric order, norm types in the order
+    they were first given."""
     merged = values + [value for value in dict.fromkeys(more) if value not in values]
     return sorted(merged) if numeric else merged
 
@@ -175,28 +274,75 @@ def check_grid(study):
     import trainer
 
     for norm_type in study.norm_types:
-        if norm_type not in ops.NORM_TYPES:
+        if norm_type.removesuffix(WEIGHT_STD_SUFFIX) not in ops.NORM_TYPES:
             raise UsageError(f"--norm_types: unknown {norm_type!r}; choose from "
-                             f"{', '.join(ops.NORM_TYPES)}")
-    if min(study.batch_sizes) <= 0:
-        raise UsageError(f"--batch_sizes must be positive, got {min(study.batch_sizes)}")
+                             f"{', '.join(ops.NORM_TYPES)}, each with or without "
+                             f"{WEIGHT_STD_SUFFIX}")
+    for axis in ("batch_sizes", "group_counts", "channels_per_group_list"):
+        values = getattr(study, axis)
+        if values and min(values) <= 0:
+            raise UsageError(f"--{axis} must be positive, got {min(values)}")
     if not 0 <= min(study.seeds) <= max(study.seeds) <= trainer.MAX_SEED:
         raise UsageError(f"--seeds must be between 0 and {trainer.MAX_SEED}, got "
                          f"{' '.join(map(str, study.seeds))}")
+    grouped = study.group_counts or study.channels_per_group_list
+    given = [name for name in flag_names(study.trainer_flags) if name in GROUP_FLAGS]
+    if grouped and given:
+        raise UsageError(f"{given[0]} and --group_counts / --channels_per_group_list both set the "
+                         "GN cells' groups — pass the grid's values only")
+
+
+def check_protocol(study):
+    """The paper's protocol sets the update size and the step count of each cell itself."""
+    if study.protocol["name"] != "paper":
+        return
+    for name in flag_names(study.trainer_flags):
+        if name in PAPER_MANAGED_FLAGS:
+            raise UsageError(f"{name} is derived for each cell under --protocol paper — pass "
+                             f"{PAPER_MANAGED_FLAGS[name]} instead")
+
+
+def protocol_settings(study, batch_size, num_train):
+    """The trainer settings a cell of `batch_size` takes from the study's protocol:
+    {max_batch_size, learning_rate, max_training_step} under the paper's, {} otherwise."""
+    protocol = study.protocol
+    if protocol["name"] != "paper":
+        return {}
+    import trainer
+
+    settings = study.settings
+    base_rate = settings["learning_rate"] or trainer.DEFAULT_LEARNING_RATE[settings["optimizer"]]
+    update = protocol["devices_per_update"] * batch_size
+    return {"max_batch_size": update,
+            "learning_rate": base_rate * update / protocol["reference_batch"],
+            "max_training_step": math.ceil(protocol["epochs"] * num_train / update)}
 
 
 # Cells ------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Cell:
-    norm_type: str
+    norm_type: str  # a --norm_type, or one with WEIGHT_STD_SUFFIX
     batch_size: int
     seed: int
     study_dir: str
+    grouping: tuple = None  # ("G", groups) or ("C", channels per group); None: the study's
 
     @property
     def name(self):
-        return f"{self.norm_type}-bs{self.batch_size}-seed{self.seed}"
+        groups = f"{self.grouping[0]}{self.grouping[1]}-" if self.grouping else ""
+        return f"{self.norm_type}-{groups}bs{self.batch_size}-seed{self.seed}"
+
+    @property
+    def flags(self):
+        """The trainer flags that make this cell: its norm type, groups, batch size and seed."""
+        flags = ["--norm_type", self.norm_type.removesuffix(WEIGHT_STD_SUFFIX)]
+        if self.norm_type.endswith(WEIGHT_STD_SUFFIX):
+            flags.append("--weight_std")
+        if self.grouping:
+            flags += [{"G": "--groups", "C": "--channels_per_group"}[self.grouping[0]],
+                      str(self.grouping[1])]
+        return flags + ["--batch_size", str(self.batch_size), "--seed", str(self.seed)]
 
     @property
     def run_dir(self):
@@ -238,10 +384,32 @@ def read_json(path):
         return json.load(f)
 
 
-def trainer_command(study, cell):
-    return [sys.executable, os.path.join(REPO, "trainer.py"), *study.trainer_flags,
-            "--norm_type", cell.norm_type, "--batch_size", str(cell.batch_size),
-            "--seed", str(cell.seed), "--run_dir", cell.run_dir]
+def plan(study, cells):
+    """{cell name: (its trainer command, its updates)} for `cells`."""
+    paper = study.protocol["name"] == "paper"
+    num_train = training_examples(study.settings) if paper else None
+    planned = {}
+    for cell in cells:
+        protocol = protocol_settings(study, cell.batch_size, num_train)
+        steps = protocol.get("max_training_step", study.settings["max_training_step"])
+        planned[cell.name] = (trainer_command(study, cell, protocol), steps)
+    return planned
+
+
+def training_examples(settings):
+    """The size of the training set of the study's dataset (the paper's protocol counts epochs
+    over it)."""
+    import input_ops
+
+    _, data = input_ops.load(settings["dataset"], settings["data_dir"])
+    return data.num_train
+
+
+def trainer_command(study, cell, protocol):
+    """`protocol`: the cell's protocol_settings."""
+    derived = [token for name, value in protocol.items() for token in (f"--{name}", repr(value))]
+    return [sys.executable, os.path.join(REPO, "trainer.py"), *study.trainer_flags, *cell.flags,
+            *derived, "--run_dir", cell.run_dir]
 
 
 def precise_bn_command(cell, num_batches):
@@ -284,16 +452,16 @@ def last_error_line(log_path):
     return lines[-1] if lines else "no output"
 
 
-def train_cells(study, pending, jobs, sigterm):
-    """Runs the trainer of every pending cell, `jobs` at a time; one line per finished or failed
-    run and a bar over the updates still to make. Returns the failed cells. On SIGTERM
-    (`sigterm`, the threading.Event the signal sets) the running trainers are sent it too, so
-    that they save and stop rather than train on with no study to watch them."""
-    total_steps = study.max_training_step
+def train_cells(planned, pending, jobs, sigterm):
+    """Runs the trainer of every pending cell (`planned`: plan's), `jobs` at a time; one line
+    per finished or failed run and a bar over the updates still to make. Returns the failed
+    cells. On SIGTERM (`sigterm`, the threading.Event the signal sets) the running trainers are
+    sent it too, so that they save and stop rather than train on with no study to watch them."""
     environment = thread_environment(jobs)
     queue, running, failed = list(pending), {}, []
-    progress = {cell.name: min(cell.steps_done(), total_steps) for cell in pending}
-    bar = tqdm(total=total_steps * len(pending) - sum(progress.values()), unit="update",
+    steps = {cell.name: planned[cell.name][1] for cell in pending}
+    progress = {cell.name: min(cell.steps_done(), steps[cell.name]) for cell in pending}
+    bar = tqdm(total=sum(steps.values()) - sum(progress.values()), unit="update",
                desc="study", dynamic_ncols=True, disable=None)
     try:
         while queue or running:
@@ -303,18 +471,18 @@ def train_cells(study, pending, jobs, sigterm):
                 raise util.Terminated()
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
-                running[cell.name] = (cell, start(trainer_command(study, cell), cell.log_path,
+                running[cell.name] = (cell, start(planned[cell.name][0], cell.log_path,
                                                   environment), time.time())
             time.sleep(0.5)
             for name, (cell, process, started) in list(running.items()):
-                done = min(logged_step(cell.log_path, progress[name]), total_steps)
+                done = min(logged_step(cell.log_path, progress[name]), steps[name])
                 bar.update(max(0, done - progress[name]))
                 progress[name] = max(progress[name], done)
                 if process.poll() is None:
                     continue
                 del running[name]
                 if process.returncode == 0 and cell.finished():
-                    bar.update(total_steps - progress[name])
+                    bar.update(steps[name] - progress[name])
                     say(finished_line(cell, time.time() - started))
                 else:
                     failed.append(cell)
@@ -381,9 +549,10 @@ def main(argv=None):
     study = open_study(args)
     study.save()
     pending = [cell for cell in study.cells() if not cell.finished()]
+    planned = plan(study, pending)
     if args.print_commands:
         for cell in pending:
-            print(shlex.join(trainer_command(study, cell)))
+            print(shlex.join(planned[cell.name][0]))
         return
     failed = []
     try:
@@ -391,7 +560,7 @@ def main(argv=None):
             if not args.report:
                 say(f"{study.study_dir}: {len(study.cells())} runs, {len(pending)} to train "
                     f"({args.jobs} at a time)")
-                failed = train_cells(study, pending, args.jobs, sigterm)
+                failed = train_cells(planned, pending, args.jobs, sigterm)
             if args.precise_bn:
                 failed += evaluate_precise_bn(study, args.precise_bn, sigterm)
     except util.Terminated:

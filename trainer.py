@@ -37,12 +37,13 @@ import model as model_lib
 import ops
 import runs
 from datasets import registry
+import schedules
 from kernels import optimizers
 from util import TERMINATED_STATUS, UsageError, log
 
 # Flags that define the network and the optimizer's state: a checkpoint only continues with the
 # same values.
-STATE_FLAGS = ("model", "norm_type", "groups", "weight_std", "optimizer")
+STATE_FLAGS = ("model", "norm_type", "groups", "channels_per_group", "weight_std", "optimizer")
 # Flags that define the random streams (input, dropout): their saved positions are used only when
 # these (and the number of workers) are unchanged.
 DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
@@ -69,13 +70,20 @@ def build_parser(**options):
                      help="network (default: conv for images up to 32 px, resnet above)")
     net.add_argument("--norm_type", choices=ops.NORM_TYPES, default="group",
                      help="normalization after each conv (default: %(default)s)")
-    net.add_argument("--groups", type=int, default=32,
-                     help="GN groups G; must divide every normalized layer's channels "
-                          "(default: %(default)s)")
+    net.add_argument("--groups", type=int, default=None,
+                     help=f"GN groups G; must divide every normalized layer's channels "
+                          f"(default: {ops.DEFAULT_GROUPS})")
+    net.add_argument("--channels_per_group", type=int, default=None, metavar="C",
+                     help="instead of --groups: C channels in every GN group, so a layer of "
+                          "width W has W / C groups (the paper's Table 3, lower half)")
     net.add_argument("--weight_std", action="store_true",
                      help="weight-standardized convs (Qiao et al. 2019)")
     net.add_argument("--dropout", type=float, default=0.2,
                      help="dropout rate of the conv and resnet models (default: %(default)s)")
+    net.add_argument("--zero_init_residual", action="store_true",
+                     help="start the scale (gamma) of each residual block's last norm at 0, so "
+                          "that every block starts as its shortcut (the paper's recipe; resnet "
+                          "and resnet20)")
     learn = parser.add_argument_group("learning")
     learn.add_argument("--batch_size", type=int, default=64,
                        help="examples per replica, i.e. per BN statistic (default: %(default)s)")
@@ -88,8 +96,22 @@ def build_parser(**options):
     learn.add_argument("--optimizer", choices=sorted(DEFAULT_LEARNING_RATE), default="adam",
                        help="adam, or SGD with momentum 0.9 (default: %(default)s)")
     learn.add_argument("--learning_rate", type=float, default=None,
-                       help="peak learning rate, cosine-decayed to 0 over max_training_step "
-                            "(default: 1e-3 for adam, 0.1 for momentum)")
+                       help="peak learning rate (default: 1e-3 for adam, 0.1 for momentum)")
+    learn.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="cosine",
+                       help="cosine: decayed to 0 over max_training_step; step: divided by 10 at "
+                            "30%%, 60%% and 90%% of max_training_step (the paper's epochs 30, 60 "
+                            "and 90 of 100) (default: %(default)s)")
+    learn.add_argument("--warmup_steps", type=int, default=0, metavar="K",
+                       help="multiply the learning rate of update k (1, 2, ...) by k / K for "
+                            "the first K updates, a linear warm-up from 0 (Goyal et al. 2017; "
+                            "default: %(default)s, none)")
+    learn.add_argument("--weight_decay", type=float, default=0.0, metavar="W",
+                       help="L2 weight decay on every trainable weight, gamma and beta "
+                            "included (the paper: 1e-4): W x weight is added to each gradient, "
+                            "as an L2 term W/2 |w|^2 in the loss would, before clipping, with "
+                            "either optimizer (with adam this is Adam with L2, not AdamW's "
+                            "decoupled decay: one meaning for both optimizers, the paper's with "
+                            "SGD; the printed loss leaves the term out) (default: %(default)s)")
     learn.add_argument("--max_training_step", type=int, default=400,
                        help="optimizer updates to train for (default: %(default)s)")
     learn.add_argument("--seed", type=int, default=0,
@@ -133,7 +155,20 @@ def parse_args(argv=None):
     config = build_parser().parse_args(argv)
     if config.learning_rate is None:
         config.learning_rate = DEFAULT_LEARNING_RATE[config.optimizer]
+    resolve_groups(vars(config))
     return config
+
+
+def resolve_groups(settings):
+    """--groups, unless --channels_per_group sizes the groups instead (then None); both given is
+    a one-line error. `settings`: the parsed flags as a dict, changed in place."""
+    if settings["channels_per_group"] is None:
+        if settings["groups"] is None:
+            settings["groups"] = ops.DEFAULT_GROUPS
+    elif settings["groups"] is not None:
+        raise UsageError(f"--groups {settings['groups']} and --channels_per_group "
+                         f"{settings['channels_per_group']} both size GN's groups — pass one of "
+                         "them")
 
 
 def check_flags(config, data):
@@ -143,9 +178,14 @@ def check_flags(config, data):
         raise UsageError(f"--batch_size {config.batch_size} must be between 1 and the "
                          f"{num_train} training examples of {config.dataset}")
     for flag in ("max_batch_size", "max_training_step", "log_step", "test_sample_step",
-                 "write_summary_step", "ckpt_save_step", "groups"):
-        if getattr(config, flag) <= 0:
+                 "write_summary_step", "ckpt_save_step", "groups", "channels_per_group"):
+        if getattr(config, flag) is not None and getattr(config, flag) <= 0:
             raise UsageError(f"--{flag} must be positive, got {getattr(config, flag)}")
+    if not 0 <= config.warmup_steps <= config.max_training_step:
+        raise UsageError(f"--warmup_steps must be between 0 and --max_training_step "
+                         f"{config.max_training_step}, got {config.warmup_steps}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise UsageError(f"--weight_decay must be a number >= 0, got {config.weight_decay}")
     if not 0 <= config.seed <= MAX_SEED:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {config.seed}")
     if not 0 <= config.dropout < 1:
@@ -177,15 +217,31 @@ def passes_per_update(config, replicas):
     return config.max_batch_size // per_pass
 
 
+def check_zero_init(config):
+    """--zero_init_residual needs residual blocks and a norm whose scale can start at 0."""
+    if not config.zero_init_residual:
+        return
+    if config.model not in model_lib.RESIDUAL_MODELS:
+        raise UsageError(f"--zero_init_residual starts each residual block's last norm at 0, and "
+                         f"--model {config.model} has no residual blocks — use --model "
+                         f"{' or '.join(model_lib.RESIDUAL_MODELS)}, or drop the flag")
+    if config.norm_type == "none":
+        raise UsageError("--zero_init_residual starts the scale of a norm at 0, and --norm_type "
+                         "none has none — pick a --norm_type, or drop the flag")
+
+
 def build_model(config, data):
-    """The `--model` network for this dataset; a bad --groups becomes a one-line error."""
+    """The `--model` network for this dataset; a bad --groups or --channels_per_group becomes a
+    one-line error."""
     input_shape = data.image_shape
     try:
         return model_lib.build_model(config.model, input_shape, data.num_classes,
                                      config.norm_type, config.groups, config.weight_std,
-                                     config.dropout)
+                                     config.dropout, config.channels_per_group,
+                                     config.zero_init_residual)
     except ValueError as error:
-        raise UsageError(f"{error}, and pass it as --groups") from None
+        flag = "--groups" if config.channels_per_group is None else "--channels_per_group"
+        raise UsageError(f"{error}, and pass it as {flag}") from None
 
 
 def check_statistics(config, model, replicas):
@@ -211,11 +267,12 @@ def check_statistics(config, model, replicas):
 
 def build_optimizer(config):
     """Adam or SGD with momentum 0.9, gradients clipped to global norm 20 as in the 2018 repo, and
-    the learning rate cosine-decayed to 0 over max_training_step updates; with mixed_float16,
-    wrapped in Keras's dynamic loss scaling. Both are Keras's, on TensorFlow's fused update ops
-    (kernels/optimizers.py): their graph traces and optimizes in a fraction of the time."""
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
-                                                      config.max_training_step)
+    the learning rate of --lr_schedule and --warmup_steps over max_training_step updates; with
+    mixed_float16, wrapped in Keras's dynamic loss scaling. Both are Keras's, on TensorFlow's
+    fused update ops (kernels/optimizers.py): their graph traces and optimizes in a fraction of
+    the time."""
+    schedule = schedules.build(config.lr_schedule, config.learning_rate,
+                               config.max_training_step, config.warmup_steps)
     if config.optimizer == "momentum":
         optimizer = optimizers.MomentumSGD(schedule, momentum=0.9, global_clipnorm=20.0)
     else:
@@ -363,9 +420,18 @@ class Trainer:
             stopping = tf.maximum(stopping, stop_requests)
         if self.passes > 1:
             gradients = [g / self.passes for g in gradients]
+        if self.config.weight_decay:
+            gradients = self.with_weight_decay(gradients, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
         return (total_loss / self.passes, total_correct / (self.passes * self.examples_per_pass),
                 tf.linalg.global_norm(gradients), stopping > 0)
+
+    def with_weight_decay(self, gradients, variables):
+        """The gradients of the loss plus weight_decay / 2 x the sum of the squared weights: each
+        gains weight_decay x its weight (scaled like the loss for mixed_float16)."""
+        decay = self.config.weight_decay
+        return [g + self.optimizer.scale_loss(decay * tf.convert_to_tensor(v))
+                for g, v in zip(gradients, variables)]
 
     def next_pass(self):
         """The next pass's per-replica batches: this worker's replicas take the next
@@ -608,6 +674,7 @@ def main(argv=None):
     check_flags(config, data)
     image_size = data.image_shape[0]
     config.model = config.model or model_lib.default_model(image_size)
+    check_zero_init(config)
     config.augment = (spec is not None and spec.augment) if config.augment is None else config.augment
     source = None
     prefix = checkpoint_to_continue(config)
