@@ -1,5 +1,5 @@
-"""Collates a study's runs (study.py) into results.csv, results.md, accuracy_vs_batch.png and
-curves.png.
+"""Collates a study's runs (study.py) into results.csv, results.md, accuracy_vs_batch.png,
+curves.png, error_curves.png and, for a grid of GN group sizes, error_vs_groups.png.
 
 A finished run is read from its result.json (and precise_bn.json for BN runs); the training
 curves come from its TensorBoard event files, read with TensorBoard's own event reader.
@@ -14,38 +14,62 @@ import util
 
 NAMES = {"batch": "BN", "sync_batch": "sync BN", "group": "GN", "layer": "LN",
          "instance": "IN", "none": "no norm"}
+WEIGHT_STD_SUFFIX = "+ws"  # study.py's: a cell that also passes --weight_std
 PRECISE = " (precise)"
-CSV_COLUMNS = ("norm_type", "batch_size", "seed", "step", "test_accuracy", "test_loss",
+CSV_COLUMNS = ("norm_type", "groups", "channels_per_group", "batch_size", "seed", "step",
+               "examples_per_update", "learning_rate", "test_accuracy", "test_loss",
                "precise_bn_test_accuracy", "seconds", "images_per_sec", "run_dir")
 
 
 def write_report(study):
-    """Writes the four files into the study directory; returns their paths (none without a
-    finished run)."""
+    """Writes the files into the study directory; returns their paths (none without a finished
+    run)."""
     rows = [read_row(cell) for cell in study.cells() if cell.finished()]
     if not rows:
         return []
-    paths = [os.path.join(study.study_dir, name) for name in
-             ("results.csv", "results.md", "accuracy_vs_batch.png", "curves.png")]
+    names = ["results.csv", "results.md", "accuracy_vs_batch.png", "curves.png",
+             "error_curves.png"]
+    grouped = any(row["grouping"] for row in rows)
+    paths = [os.path.join(study.study_dir, name)
+             for name in names + (["error_vs_groups.png"] if grouped else [])]
     write_text(paths[0], csv_text(rows))
-    config = rows[0]["config"]  # the same in every run but for the grid's flags
-    write_text(paths[1], markdown(rows, config))
+    config = rows[0]["config"]  # the same in every run but for the grid's and protocol's flags
+    summary = summarize(rows)
+    write_text(paths[1], markdown(rows, summary, config, study.protocol))
     import plots  # matplotlib, only when there is something to draw
 
-    plots.accuracy_vs_batch(paths[2], summarize(rows), config)
-    plots.training_curves(paths[3], {(row["norm_type"], row["batch_size"], row["seed"]):
-                                     read_curves(row["run_dir"]) for row in rows}, config, NAMES)
+    title = f"{config['model']} on {config['dataset']}, {protocol_title(study.protocol, config)}"
+    plots.accuracy_vs_batch(paths[2], summary, title)
+    curves = {(row["line"], row["batch_size"], row["seed"]): read_curves(row["run_dir"])
+              for row in rows}
+    seeds = len({row["seed"] for row in rows})
+    plots.training_curves(paths[3], curves, title, seeds)
+    plots.error_curves(paths[4], curves, title, seeds)
+    if grouped:
+        plots.error_vs_groups(paths[5], group_summary(rows), title)
     return paths
 
 
 def read_row(cell):
     result, precise = cell.result(), cell.precise_bn_result()
-    return {"norm_type": cell.norm_type, "batch_size": cell.batch_size, "seed": cell.seed,
-            "step": result["step"], "test_accuracy": result["accuracy"],
-            "test_loss": result["loss"],
+    config = result["config"]
+    return {"norm_type": cell.norm_type, "grouping": cell.grouping,
+            "line": line_name(cell.norm_type, cell.grouping),
+            "groups": config["groups"], "channels_per_group": config.get("channels_per_group"),
+            "batch_size": cell.batch_size, "seed": cell.seed, "step": result["step"],
+            "examples_per_update": config["accumulation_steps"] * config["batch_size"] *
+            config["replicas"], "learning_rate": config["learning_rate"],
+            "test_accuracy": result["accuracy"], "test_loss": result["loss"],
             "precise_bn_test_accuracy": precise and precise["accuracy"],
             "seconds": result["seconds"], "images_per_sec": result["images_per_sec"],
-            "run_dir": cell.run_dir, "config": result["config"]}
+            "run_dir": cell.run_dir, "config": config}
+
+
+def line_name(norm_type, grouping):
+    """A cell's line in tables and figures: 'BN', 'GN+WS', 'GN, G=8', 'GN, C=16'."""
+    base = norm_type.removesuffix(WEIGHT_STD_SUFFIX)
+    name = NAMES.get(base, base) + ("+WS" if norm_type.endswith(WEIGHT_STD_SUFFIX) else "")
+    return f"{name}, {grouping[0]}={grouping[1]}" if grouping else name
 
 
 def write_text(path, text):
@@ -64,31 +88,49 @@ def csv_text(rows):
 
 # The table --------------------------------------------------------------------------------------
 
-def summarize(rows):
-    """{line name: {batch size: (mean test error %, standard deviation over seeds, seeds)}}, with
-    a line "<norm> (precise)" for BN runs evaluated with precise statistics."""
+def errors_by(rows, key):
+    """{line name: {key(row): [test error %, ...]}}, with a line "<norm> (precise)" for BN runs
+    evaluated with precise statistics."""
     errors = {}
     for row in rows:
-        name = NAMES.get(row["norm_type"], row["norm_type"])
-        errors.setdefault(name, {}).setdefault(row["batch_size"], []).append(
+        errors.setdefault(row["line"], {}).setdefault(key(row), []).append(
             100 * (1 - row["test_accuracy"]))
         if row["precise_bn_test_accuracy"] is not None:
-            errors.setdefault(name + PRECISE, {}).setdefault(row["batch_size"], []).append(
+            errors.setdefault(row["line"] + PRECISE, {}).setdefault(key(row), []).append(
                 100 * (1 - row["precise_bn_test_accuracy"]))
-    return {name: {batch: (np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0,
-                           len(values))
-                   for batch, values in sorted(by_batch.items())}
-            for name, by_batch in errors.items()}
+    return errors
 
 
-def markdown(rows, config):
-    summary = summarize(rows)
+def statistics(values):
+    """(mean, standard deviation over seeds, seeds) of the test errors of one cell."""
+    return np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0, len(values)
+
+
+def summarize(rows):
+    """{line name: {batch size: (mean test error %, standard deviation over seeds, seeds)}}."""
+    return {name: {batch: statistics(values) for batch, values in sorted(by_batch.items())}
+            for name, by_batch in errors_by(rows, lambda row: row["batch_size"]).items()}
+
+
+def group_summary(rows):
+    """{("G" or "C", batch size, norm): {groups or channels per group: (mean, std, seeds)}} of
+    the cells that set their GN groups."""
+    summary = {}
+    for row in rows:
+        if row["grouping"]:
+            kind, value = row["grouping"]
+            key = (kind, row["batch_size"], row["line"].split(",")[0])
+            summary.setdefault(key, {}).setdefault(value, []).append(
+                100 * (1 - row["test_accuracy"]))
+    return {key: {value: statistics(errors) for value, errors in sorted(by_value.items())}
+            for key, by_value in sorted(summary.items())}
+
+
+def markdown(rows, summary, config, protocol):
     batch_sizes = sorted({row["batch_size"] for row in rows})
     seeds = sorted({row["seed"] for row in rows})
     lines = [f"# Batch-size study: test error (%) of {config['model']} on {config['dataset']}",
-             "",
-             protocol(config, seeds),
-             "",
+             "", protocol_paragraph(protocol, rows, config, seeds), "",
              "| | " + " | ".join(f"batch {b}" for b in batch_sizes) + " |",
              "|---|" + "---|" * len(batch_sizes)]
     for name, by_batch in summary.items():
@@ -99,26 +141,99 @@ def markdown(rows, config):
             lines.append(f"| {first} − {second} | " + " | ".join(
                 difference_text(summary[first].get(b), summary[second].get(b))
                 for b in batch_sizes) + " |")
-    lines += ["", "Per run: results.csv. Figures: accuracy_vs_batch.png, curves.png.", ""]
+    lines += groups_tables(group_summary(rows))
+    figures = ["accuracy_vs_batch.png", "curves.png", "error_curves.png"]
+    if any(row["grouping"] for row in rows):
+        figures.append("error_vs_groups.png")
+    lines += ["", f"Per run: results.csv. Figures: {', '.join(figures)}.", ""]
     return "\n".join(lines)
 
 
-def protocol(config, seeds):
+def groups_tables(by_groups):
+    """The paper's Table 3 layout: test error against the number of groups G (and against the
+    channels per group C), one row per batch size and norm."""
+    lines = []
+    for kind, heading in (("G", "groups G"), ("C", "channels per group C")):
+        keys = [key for key in by_groups if key[0] == kind]
+        if not keys:
+            continue
+        values = sorted({value for key in keys for value in by_groups[key]})
+        lines += ["", f"Test error (%) against the {heading}:", "",
+                  "| | " + " | ".join(f"{kind}={value}" for value in values) + " |",
+                  "|---|" + "---|" * len(values)]
+        for key in keys:
+            lines.append(f"| {key[2]}, batch {key[1]} | " + " | ".join(
+                cell_text(by_groups[key].get(value)) for value in values) + " |")
+    return lines
+
+
+def protocol_paragraph(protocol, rows, config, seeds):
     """One paragraph on how every cell was trained and measured."""
-    if config["no_adjust_learning_rate"]:
+    if protocol["name"] == "paper":
+        updates = paper_updates(protocol, rows)
+    elif config["no_adjust_learning_rate"]:
         updates = (f"{config['max_training_step']} updates of one batch each "
                    "(--no_adjust_learning_rate: smaller batches see fewer examples)")
     else:
-        updates = (f"{config['max_training_step']} updates of {config['max_batch_size']} "
-                   "examples each; a batch is the examples per normalization statistic, and "
-                   "the gradients of max_batch_size / batch batches are accumulated per update, "
-                   "so every cell sees the same examples per update and in all")
+        updates = (f"The fixed-update protocol: {config['max_training_step']} updates of "
+                   f"{config['max_batch_size']} examples each; a batch is the examples per "
+                   "normalization statistic, and the gradients of max_batch_size / batch "
+                   "batches are accumulated per update, so every cell sees the same examples "
+                   "per update and in all")
     # model.py's resnet20 has no dropout layer, whatever --dropout says.
     dropout = "no dropout" if config["model"] == "resnet20" else f"dropout {config['dropout']}"
-    return (f"{updates}. {config['optimizer']}, learning rate {config['learning_rate']} "
-            f"cosine-decayed to 0, {dropout}, augmentation "
-            f"{'on' if config['augment'] else 'off'}, GN with {config['groups']} groups. "
+    rate = "" if protocol["name"] == "paper" else f" {config['learning_rate']}"
+    return (f"{updates}. {config['optimizer']}, learning rate{rate} {schedule_text(config)}, "
+            f"{recipe_text(config)}, {dropout}, augmentation "
+            f"{'on' if config['augment'] else 'off'}, {groups_text(rows, config)}. "
             f"Test error on the full test set; {seeds_text(seeds)}.")
+
+
+def paper_updates(protocol, rows):
+    per_batch = {row["batch_size"]: (row["examples_per_update"], row["learning_rate"],
+                                     row["config"]["max_training_step"]) for row in rows}
+    cells = "; ".join(f"batch {batch}: {update} examples, rate {rate:g}, {steps} updates"
+                      for batch, (update, rate, steps) in sorted(per_batch.items()))
+    update, rate, _ = next(iter(per_batch.values()))
+    base_rate = rate * protocol["reference_batch"] / update
+    return (f"The paper's protocol: an update averages the gradients of "
+            f"{protocol['devices_per_update']} x batch examples (the paper's "
+            f"{protocol['devices_per_update']} GPUs, each normalizing its own batch; here "
+            f"accumulated over passes), the learning rate is {base_rate:g} x update / "
+            f"{protocol['reference_batch']}, and every cell trains {protocol['epochs']:g} "
+            f"epochs ({cells})")
+
+
+def schedule_text(config):
+    schedule = {"cosine": "cosine-decayed to 0",
+                "step": "divided by 10 at 30 %, 60 % and 90 % of the updates"}[
+        config.get("lr_schedule", "cosine")]
+    warmup = config.get("warmup_steps", 0)
+    return schedule + (f" after a linear warm-up of {warmup} updates" if warmup else "")
+
+
+def recipe_text(config):
+    decay = config.get("weight_decay", 0.0)
+    return ", ".join([f"weight decay {decay:g} (L2, on every weight)" if decay
+                      else "no weight decay",
+                      "zero-init residual gamma" if config.get("zero_init_residual")
+                      else "every gamma starts at 1"])
+
+
+def groups_text(rows, config):
+    if all(row["grouping"] for row in rows if row["norm_type"].startswith("group")):
+        return "GN's groups as in each row"
+    if config.get("channels_per_group"):
+        return f"GN with {config['channels_per_group']} channels per group"
+    return f"GN with {config['groups']} groups"
+
+
+def protocol_title(protocol, config):
+    """The protocol in a figure title."""
+    if protocol["name"] == "paper":
+        return (f"paper's protocol ({protocol['devices_per_update']} x batch per update, "
+                f"{protocol['epochs']:g} epochs)")
+    return f"fixed update ({config['max_training_step']} x {config['max_batch_size']} examples)"
 
 
 def seeds_text(seeds):
@@ -143,20 +258,22 @@ def difference_text(first, second):
 # Training curves from TensorBoard ---------------------------------------------------------------
 
 def read_curves(run_dir):
-    """{"train_loss": (steps, values), "test_accuracy": (steps, values)} of a run. A run continued
-    after an interruption may have logged some steps twice; the later value is kept."""
+    """{"train_loss", "train_accuracy", "test_accuracy": (steps, values)} of a run. A run
+    continued after an interruption may have logged some steps twice; the later value is
+    kept."""
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
 
     curves = {}
-    for split, tag in (("train", "loss"), ("test", "accuracy")):
+    for split, tags in (("train", ("loss", "accuracy")), ("test", ("accuracy",))):
         reader = event_accumulator.EventAccumulator(
             os.path.join(run_dir, split), size_guidance={event_accumulator.TENSORS: 0})
         reader.Reload()
-        by_step = {}
-        if tag in reader.Tags()["tensors"]:
-            for event in sorted(reader.Tensors(tag), key=lambda e: e.wall_time):
-                by_step[event.step] = float(tensor_util.make_ndarray(event.tensor_proto))
-        steps = sorted(by_step)
-        curves[f"{split}_{tag}"] = (np.array(steps), np.array([by_step[s] for s in steps]))
+        for tag in tags:
+            by_step = {}
+            if tag in reader.Tags()["tensors"]:
+                for event in sorted(reader.Tensors(tag), key=lambda e: e.wall_time):
+                    by_step[event.step] = float(tensor_util.make_ndarray(event.tensor_proto))
+            steps = sorted(by_step)
+            curves[f"{split}_{tag}"] = (np.array(steps), np.array([by_step[s] for s in steps]))
     return curves

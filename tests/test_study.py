@@ -2,6 +2,7 @@
 figures, resuming (also after kill -9), failures, the flag rules and --print_commands."""
 import csv
 import glob
+import json
 import os
 import re
 import shutil
@@ -216,3 +217,81 @@ def test_help_runs_as_a_script():
     for flag in ("--norm_types", "--batch_sizes", "--seeds", "--jobs", "--print_commands",
                  "--report", "--precise_bn", "trainer.py flag"):
         assert flag in result.stdout
+
+
+# The paper's protocol and the groups axes -------------------------------------------------------
+
+def cell_config(study_dir, name):
+    with open(os.path.join(study_dir, "runs", name, "config.json")) as f:
+        return json.load(f)
+
+
+def test_paper_protocol_derives_each_cells_update_rate_and_steps(tmp_path):
+    """Under --protocol paper a cell of batch N averages D x N examples per update at
+    --learning_rate x D N / R, for the same epochs: on the sample's 5,000 training images, 0.02
+    epochs are 7 updates of 16 at batch 8 and 4 of 32 at batch 16. GN cells by groups and by
+    channels per group get their own runs, rows, columns and figure."""
+    study_dir = tmp_path / "paper"
+    status = run_study(study_dir, "--protocol", "paper", "--epochs", "0.02",
+                       "--devices_per_update", "2", "--reference_batch", "64",
+                       "--norm_types", "group", "--batch_sizes", "8", "16",
+                       "--group_counts", "8", "--channels_per_group_list", "16",
+                       "--precise_bn", "0", "--jobs", "2", "--learning_rate", "0.002",
+                       "--log_step", "2", "--test_sample_step", "2", "--write_summary_step", "2")
+    assert status == 0
+    expected = {8: (16, 0.002 * 16 / 64, 7), 16: (32, 0.002 * 32 / 64, 4)}
+    for grouping, (groups, per_group) in (("G8", (8, None)), ("C16", (None, 16))):
+        for batch_size, (update, rate, steps) in expected.items():
+            config = cell_config(study_dir, f"group-{grouping}-bs{batch_size}-seed0")
+            assert (config["max_batch_size"], config["learning_rate"],
+                    config["max_training_step"]) == (update, rate, steps)
+            assert config["accumulation_steps"] == 2 and config["batch_size"] == batch_size
+            assert (config["groups"], config["channels_per_group"]) == (groups, per_group)
+    rows = read_csv(study_dir / "results.csv")
+    assert sorted((r["groups"], r["channels_per_group"], r["batch_size"], r["step"],
+                   r["examples_per_update"]) for r in rows) == [
+        ("", "16", "16", "4", "32"), ("", "16", "8", "7", "16"),
+        ("8", "", "16", "4", "32"), ("8", "", "8", "7", "16")]
+    table = (study_dir / "results.md").read_text()
+    assert "The paper's protocol: an update averages the gradients of 2 x batch examples" in table
+    assert "batch 8: 16 examples, rate 0.0005, 7 updates" in table
+    assert "| GN, G=8 |" in table and "| GN, C=16 |" in table
+    assert "| | G=8 |" in table and "| | C=16 |" in table
+    for name in ("error_curves.png", "error_vs_groups.png"):
+        assert iio.imread(study_dir / name).std() > 10, name
+
+
+def test_paper_protocol_commands_carry_the_derived_flags(tmp_path, capsys):
+    assert run_study(tmp_path, "--protocol", "paper", "--epochs", "1", "--norm_types", "batch",
+                     "group+ws", "--batch_sizes", "2", "--print_commands") == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 2
+    # 1 epoch of 5,000 in updates of 8 x 2: 313 updates at 1e-3 x 16 / 256.
+    assert all("--max_batch_size 16 --learning_rate 6.25e-05 --max_training_step 313" in c
+               for c in commands)
+    assert "--norm_type group --weight_std --batch_size 2" in commands[1]
+    assert commands[1].endswith("/runs/group+ws-bs2-seed0")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--epochs", "2"], "--epochs sets the paper's protocol — add --protocol paper"),
+    (["--protocol", "paper"], "--protocol paper trains every cell for the same epochs — pass "
+                              "--epochs E"),
+    (["--protocol", "paper", "--epochs", "2", "--max_training_step", "9"],
+     "--max_training_step is derived for each cell under --protocol paper — pass --epochs"),
+    (["--protocol", "paper", "--epochs", "0"], "--epochs must be positive"),
+    (["--group_counts", "4", "--groups", "8"], "--groups and --group_counts / "
+                                               "--channels_per_group_list both set"),
+    (["--norm_types", "group+xx"], "--norm_types: unknown 'group+xx'"),
+    (["--channels_per_group_list", "0"], "--channels_per_group_list must be positive"),
+])
+def test_bad_protocol_and_group_flags_are_refused(flags, says, tmp_path, capsys):
+    assert run_study(tmp_path / "study", *flags, "--print_commands") == 2
+    assert says in capsys.readouterr().err
+
+
+def test_another_protocol_in_an_existing_study_is_refused(tmp_path, capsys):
+    assert run_study(tmp_path, "--print_commands") == 0
+    assert run_study(tmp_path, "--protocol", "paper", "--epochs", "2", "--print_commands") == 2
+    assert ("was run with --protocol fixed_update, not --protocol paper --epochs 2 "
+            "--devices_per_update 8 --reference_batch 256") in capsys.readouterr().err
