@@ -1,9 +1,12 @@
 """A run's model after training: restore it from a checkpoint, evaluate it on the test set, report
-the result in one JSON shape, and re-estimate BN's population statistics (precise BN).
+the result in one JSON shape, and re-estimate BN's population statistics (precise BN); and the
+run's progress file, through which study.py follows a training run.
 
 trainer.py (its result.json), evaler.py, study.py (through evaler.py), export.py and predict.py
 share these, so a run is restored and measured one way everywhere.
 """
+import json
+import os
 import types
 
 import keras
@@ -15,6 +18,34 @@ import input_ops
 import model as model_lib
 import util
 from util import UsageError
+
+
+# <run>/progress.jsonl: one JSON object per training line the trainer logs, made for machines.
+PROGRESS_FILE = "progress.jsonl"
+
+
+def append_progress(run_dir, **record):
+    """Appends `record` (step, loss, accuracy, seconds, ...) as one line of the run's progress
+    file."""
+    with open(os.path.join(run_dir, PROGRESS_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def last_progress(run_dir):
+    """The newest whole record of the run's progress file, or None before the first (a line
+    still being written is not whole)."""
+    path = os.path.join(run_dir, PROGRESS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        lines = f.read().decode(errors="replace").split("\n")
+    for line in reversed(lines[:-1]):  # the text after the last newline is not whole yet
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the first line of the tail may be cut
+    return None
 
 
 def restore_run(checkpoint, data_dir=None):

@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -54,16 +53,18 @@ PAPER_DEFAULTS = {"devices_per_update": 8, "reference_batch": 256}
 # Trainer flags the paper's protocol derives for each cell, and what sets them instead.
 PAPER_MANAGED_FLAGS = {"--max_batch_size": "--devices_per_update",
                        "--max_training_step": "--epochs",
-                       "--no_adjust_learning_rate": "nothing (an update is devices_per_update x "
-                                                    "batch examples)"}
+                       **dict.fromkeys(("--no_accumulate", "--no_adjust_learning_rate"),
+                                       "nothing (an update is devices_per_update x batch "
+                                       "examples)")}
 GROUP_FLAGS = ("--groups", "--channels_per_group")
+# Trainer settings recorded under an earlier name in study.json.
+RENAMED_SETTINGS = {"no_adjust_learning_rate": "no_accumulate"}
 # Trainer flags the study sets itself for each cell, and what to pass instead.
 STUDY_MANAGED_FLAGS = {"--norm_type": "--norm_types", "--batch_size": "--batch_sizes",
                        "--seed": "--seeds", "--run_dir": "--study_dir",
                        "--train_dir": "--study_dir", "--prefix": "--study_dir",
                        "--checkpoint": "nothing (interrupted runs continue by themselves)"}
 BATCH_NORMS = ("batch", "sync_batch")
-TRAIN_LINE = re.compile(r"\[train step +(\d+)\]")
 
 
 def parse_args(argv=None):
@@ -124,19 +125,19 @@ def parse_args(argv=None):
 
 # The study directory ----------------------------------------------------------------------------
 
-def check_trainer_flags(flags):
-    """({flag destination: value} of the trainer settings `flags` change from trainer.py's
-    defaults, every setting); one-line errors for flags trainer.py does not know or the study
-    sets itself."""
-    import trainer  # its flag definitions (and TensorFlow); imported here so --help stays quick
+def check_trainer_flags(trainer_flags):
+    """({flag destination: value} of the trainer settings `trainer_flags` change from
+    trainer.py's defaults, every setting); one-line errors for flags trainer.py does not know or
+    the study sets itself."""
+    import train_flags  # the trainer's flags (and TensorFlow); imported here so --help stays quick
 
-    for name in flag_names(flags):
+    for name in flag_names(trainer_flags):
         if name in STUDY_MANAGED_FLAGS:
             raise UsageError(f"{name} is set by the study for each run — pass "
                              f"{STUDY_MANAGED_FLAGS[name]} instead")
-    parser = trainer.build_parser(allow_abbrev=False, exit_on_error=False)
+    parser = train_flags.build_parser(allow_abbrev=False, exit_on_error=False)
     try:
-        config, unknown = parser.parse_known_args(flags)
+        config, unknown = parser.parse_known_args(trainer_flags)
     except argparse.ArgumentError as error:
         raise UsageError(f"trainer flag {error} — see python trainer.py --help") from None
     if unknown:
@@ -144,13 +145,13 @@ def check_trainer_flags(flags):
                          "python study.py --help and python trainer.py --help")
     defaults, config = vars(parser.parse_args([])), vars(config)
     for settings in (defaults, config):
-        trainer.resolve_groups(settings)
+        train_flags.resolve_groups(settings)
     return {name: value for name, value in config.items() if value != defaults[name]}, config
 
 
-def flag_names(flags):
+def flag_names(trainer_flags):
     """The flag names among trainer flags as given (`--name value` or `--name=value`)."""
-    return [token.split("=", 1)[0] for token in flags if token.startswith("--")]
+    return [token.split("=", 1)[0] for token in trainer_flags if token.startswith("--")]
 
 
 def default_study_dir(trainer_config):
@@ -209,6 +210,8 @@ def open_study(args):
     protocol = protocol_of(args)
     if os.path.isfile(path):
         record = {"protocol": {"name": "fixed_update"}, **read_json(path)}
+        record["trainer_config"] = {RENAMED_SETTINGS.get(name, name): value
+                                    for name, value in record["trainer_config"].items()}
         if args.trainer_flags and trainer_config != record["trainer_config"]:
             made_with = shlex.join(record["trainer_flags"]) or "none"
             raise UsageError(f"{study_dir} was run with other trainer flags ({made_with}) — "
@@ -270,8 +273,8 @@ def extend_axis(values, more, numeric):
 
 
 def check_grid(study):
+    import train_flags
     import ops
-    import trainer
 
     for norm_type in study.norm_types:
         if norm_type.removesuffix(WEIGHT_STD_SUFFIX) not in ops.NORM_TYPES:
@@ -282,8 +285,8 @@ def check_grid(study):
         values = getattr(study, axis)
         if values and min(values) <= 0:
             raise UsageError(f"--{axis} must be positive, got {min(values)}")
-    if not 0 <= min(study.seeds) <= max(study.seeds) <= trainer.MAX_SEED:
-        raise UsageError(f"--seeds must be between 0 and {trainer.MAX_SEED}, got "
+    if not 0 <= min(study.seeds) <= max(study.seeds) <= train_flags.MAX_SEED:
+        raise UsageError(f"--seeds must be between 0 and {train_flags.MAX_SEED}, got "
                          f"{' '.join(map(str, study.seeds))}")
     grouped = study.group_counts or study.channels_per_group_list
     given = [name for name in flag_names(study.trainer_flags) if name in GROUP_FLAGS]
@@ -308,10 +311,11 @@ def protocol_settings(study, batch_size, num_train):
     protocol = study.protocol
     if protocol["name"] != "paper":
         return {}
-    import trainer
+    import train_flags
 
     settings = study.settings
-    base_rate = settings["learning_rate"] or trainer.DEFAULT_LEARNING_RATE[settings["optimizer"]]
+    base_rate = (settings["learning_rate"] or
+                 train_flags.DEFAULT_LEARNING_RATE[settings["optimizer"]])
     update = protocol["devices_per_update"] * batch_size
     return {"max_batch_size": update,
             "learning_rate": base_rate * update / protocol["reference_batch"],
@@ -433,12 +437,12 @@ def thread_environment(jobs):
     return environment
 
 
-def logged_step(log_path, default):
-    """The step of the last training line a trainer wrote to its log."""
-    with open(log_path, "rb") as f:
-        f.seek(max(0, os.path.getsize(log_path) - 4096))
-        steps = TRAIN_LINE.findall(f.read().decode(errors="replace"))
-    return int(steps[-1]) if steps else default
+def logged_step(run_dir, default):
+    """The step of the last training line a trainer wrote to its run's progress file."""
+    import runs
+
+    progress = runs.last_progress(run_dir)
+    return progress["step"] if progress else default
 
 
 def last_error_line(log_path):
@@ -475,7 +479,7 @@ def train_cells(planned, pending, jobs, sigterm):
                                                   environment), time.time())
             time.sleep(0.5)
             for name, (cell, process, started) in list(running.items()):
-                done = min(logged_step(cell.log_path, progress[name]), steps[name])
+                done = min(logged_step(cell.run_dir, progress[name]), steps[name])
                 bar.update(max(0, done - progress[name]))
                 progress[name] = max(progress[name], done)
                 if process.poll() is None:
@@ -543,6 +547,7 @@ def evaluate_precise_bn(study, num_batches, sigterm):
 
 def main(argv=None):
     args = parse_args(argv)
+    util.quiet_tensorflow(sys.argv[1:] if argv is None else argv)  # before train_flags imports it
     if args.jobs <= 0:
         raise UsageError(f"--jobs must be positive, got {args.jobs}")
     util.check_precise_bn_flag(args.precise_bn)

@@ -171,9 +171,9 @@ def protocol_paragraph(protocol, rows, config, seeds):
     """One paragraph on how every cell was trained and measured."""
     if protocol["name"] == "paper":
         updates = paper_updates(protocol, rows)
-    elif config["no_adjust_learning_rate"]:
+    elif config.get("no_accumulate", config.get("no_adjust_learning_rate")):  # its 2018 name
         updates = (f"{config['max_training_step']} updates of one batch each "
-                   "(--no_adjust_learning_rate: smaller batches see fewer examples)")
+                   "(--no_accumulate: smaller batches see fewer examples)")
     else:
         updates = (f"The fixed-update protocol: {config['max_training_step']} updates of "
                    f"{config['max_batch_size']} examples each; a batch is the examples per "

@@ -11,7 +11,7 @@ per replica (per BN statistic); one forward pass over all replicas sees batch_si
 them, and the gradients of max_batch_size / (batch_size x replicas) passes are summed before the
 update, so a small batch changes the normalization statistics but not the number of examples per
 update, the learning rate or the number of examples seen (the 2018 repo's adjustment; turn it off
-with --no_adjust_learning_rate). The loop is written out rather than `model.fit` so a checkpoint
+with --no_accumulate). The loop is written out rather than `model.fit` so a checkpoint
 can hold the input pipeline's position next to the model, optimizer and step.
 """
 import sys
@@ -20,7 +20,6 @@ import util
 
 util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
 
-import argparse
 import math
 import os
 import shutil
@@ -36,8 +35,8 @@ import input_ops
 import model as model_lib
 import ops
 import runs
-from datasets import registry
 import schedules
+import train_flags
 from kernels import optimizers
 from util import TERMINATED_STATUS, UsageError, log
 
@@ -47,152 +46,6 @@ STATE_FLAGS = ("model", "norm_type", "groups", "channels_per_group", "weight_std
 # Flags that define the random streams (input, dropout): their saved positions are used only when
 # these (and the number of workers) are unchanged.
 DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
-DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
-MAX_SEED = 2**32 - 1  # the largest seed numpy and keras.utils.set_random_seed take
-
-
-def build_parser(**options):
-    """The trainer's flags; `options` go to util.ArgumentParser (study.py checks the flags
-    it passes on with a strict parser)."""
-    parser = util.ArgumentParser(description=__doc__.split("\n\n")[0], **options)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=registry.DEFAULT_DATASET,
-                      help="sample (default: the bundled Fashion-MNIST subset), MNIST, Fashion, "
-                           "SVHN, CIFAR10, TinyImageNet, ImageNet, or any NAME with "
-                           "<data_dir>/NAME/data.hdf5")
-    data.add_argument("--data_dir", default=registry.DEFAULT_DATA_DIR,
-                      help="where datasets live (default: %(default)s)")
-    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                      help="random crop + horizontal flip (default: on for CIFAR10 and "
-                           "TinyImageNet, off for digits and clothes)")
-    net = parser.add_argument_group("model")
-    net.add_argument("--model", choices=model_lib.MODELS, default=None,
-                     help="network (default: conv for images up to 32 px, resnet above)")
-    net.add_argument("--norm_type", choices=ops.NORM_TYPES, default="group",
-                     help="normalization after each conv (default: %(default)s)")
-    net.add_argument("--groups", type=int, default=None,
-                     help=f"GN groups G; must divide every normalized layer's channels "
-                          f"(default: {ops.DEFAULT_GROUPS})")
-    net.add_argument("--channels_per_group", type=int, default=None, metavar="C",
-                     help="instead of --groups: C channels in every GN group, so a layer of "
-                          "width W has W / C groups (the paper's Table 3, lower half)")
-    net.add_argument("--weight_std", action="store_true",
-                     help="weight-standardized convs (Qiao et al. 2019)")
-    net.add_argument("--dropout", type=float, default=0.2,
-                     help="dropout rate of the conv and resnet models (default: %(default)s)")
-    net.add_argument("--zero_init_residual", action="store_true",
-                     help="start the scale (gamma) of each residual block's last norm at 0, so "
-                          "that every block starts as its shortcut (the paper's recipe; resnet "
-                          "and resnet20)")
-    learn = parser.add_argument_group("learning")
-    learn.add_argument("--batch_size", type=int, default=64,
-                       help="examples per replica, i.e. per BN statistic (default: %(default)s)")
-    learn.add_argument("--max_batch_size", type=int, default=64,
-                       help="examples per update: the gradients of max_batch_size / (batch_size "
-                            "x replicas) passes are accumulated (default: %(default)s)")
-    learn.add_argument("--no_adjust_learning_rate", action="store_true",
-                       help="one update per pass (batch_size x replicas examples) instead, "
-                            "no accumulation")
-    learn.add_argument("--optimizer", choices=sorted(DEFAULT_LEARNING_RATE), default="adam",
-                       help="adam, or SGD with momentum 0.9 (default: %(default)s)")
-    learn.add_argument("--learning_rate", type=float, default=None,
-                       help="peak learning rate (default: 1e-3 for adam, 0.1 for momentum)")
-    learn.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="cosine",
-                       help="cosine: decayed to 0 over max_training_step; step: divided by 10 at "
-                            "30%%, 60%% and 90%% of max_training_step (the paper's epochs 30, 60 "
-                            "and 90 of 100) (default: %(default)s)")
-    learn.add_argument("--warmup_steps", type=int, default=0, metavar="K",
-                       help="multiply the learning rate of update k (1, 2, ...) by k / K for "
-                            "the first K updates, a linear warm-up from 0 (Goyal et al. 2017; "
-                            "default: %(default)s, none)")
-    learn.add_argument("--weight_decay", type=float, default=0.0, metavar="W",
-                       help="L2 weight decay on every trainable weight, gamma and beta "
-                            "included (the paper: 1e-4): W x weight is added to each gradient, "
-                            "as an L2 term W/2 |w|^2 in the loss would, before clipping, with "
-                            "either optimizer (with adam this is Adam with L2, not AdamW's "
-                            "decoupled decay: one meaning for both optimizers, the paper's with "
-                            "SGD; the printed loss leaves the term out) (default: %(default)s)")
-    learn.add_argument("--max_training_step", type=int, default=400,
-                       help="optimizer updates to train for (default: %(default)s)")
-    learn.add_argument("--seed", type=int, default=0,
-                       help="seed of initialization, shuffling, augmentation and dropout "
-                            "(default: %(default)s)")
-    devices = distribution.add_flags(parser)
-    devices.add_argument("--precision", choices=distribution.PRECISIONS, default="float32",
-                         help="Keras dtype policy: mixed_* compute in bfloat16 / float16 with "
-                              "float32 variables, statistics and logits; mixed_float16 scales "
-                              "the loss (default: %(default)s)")
-    devices.add_argument("--jit_compile", action="store_true",
-                         help="compile each replica's forward and backward pass with XLA "
-                              "(meant for GPUs; on 2 CPU cores it made conv slower, resnet20 "
-                              "faster)")
-    logs = parser.add_argument_group("logging and checkpoints")
-    logs.add_argument("--prefix", default="default",
-                      help="first part of the run directory name (default: %(default)s)")
-    logs.add_argument("--train_dir", default="./train_dir",
-                      help="where run directories are made (default: %(default)s)")
-    logs.add_argument("--checkpoint", default=None,
-                      help="continue from this checkpoint prefix, or a run directory's latest")
-    logs.add_argument("--run_dir", default=None,
-                      help="train in this directory instead of a new one under --train_dir; if "
-                           "it holds checkpoints, continue from its latest, so the same command "
-                           "run again continues (or completes) an interrupted run")
-    logs.add_argument("--log_step", type=int, default=10,
-                      help="print a training line every this many steps (default: %(default)s)")
-    logs.add_argument("--test_sample_step", type=int, default=10,
-                      help="evaluate one test batch every this many steps (default: %(default)s)")
-    logs.add_argument("--write_summary_step", type=int, default=10,
-                      help="write TensorBoard scalars every this many steps "
-                           "(default: %(default)s)")
-    logs.add_argument("--ckpt_save_step", type=int, default=1000,
-                      help="save a checkpoint every this many steps, and always at the end "
-                           "(default: %(default)s)")
-    util.add_verbose_flag(logs)
-    return parser
-
-
-def parse_args(argv=None):
-    config = build_parser().parse_args(argv)
-    if config.learning_rate is None:
-        config.learning_rate = DEFAULT_LEARNING_RATE[config.optimizer]
-    resolve_groups(vars(config))
-    return config
-
-
-def resolve_groups(settings):
-    """--groups, unless --channels_per_group sizes the groups instead (then None); both given is
-    a one-line error. `settings`: the parsed flags as a dict, changed in place."""
-    if settings["channels_per_group"] is None:
-        if settings["groups"] is None:
-            settings["groups"] = ops.DEFAULT_GROUPS
-    elif settings["groups"] is not None:
-        raise UsageError(f"--groups {settings['groups']} and --channels_per_group "
-                         f"{settings['channels_per_group']} both size GN's groups — pass one of "
-                         "them")
-
-
-def check_flags(config, data):
-    """One-line errors for flag values that cannot work with this dataset."""
-    num_train = data.num_train
-    if not 0 < config.batch_size <= num_train:
-        raise UsageError(f"--batch_size {config.batch_size} must be between 1 and the "
-                         f"{num_train} training examples of {config.dataset}")
-    for flag in ("max_batch_size", "max_training_step", "log_step", "test_sample_step",
-                 "write_summary_step", "ckpt_save_step", "groups", "channels_per_group"):
-        if getattr(config, flag) is not None and getattr(config, flag) <= 0:
-            raise UsageError(f"--{flag} must be positive, got {getattr(config, flag)}")
-    if not 0 <= config.warmup_steps <= config.max_training_step:
-        raise UsageError(f"--warmup_steps must be between 0 and --max_training_step "
-                         f"{config.max_training_step}, got {config.warmup_steps}")
-    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise UsageError(f"--weight_decay must be a number >= 0, got {config.weight_decay}")
-    if not 0 <= config.seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {config.seed}")
-    if not 0 <= config.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
-    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
-        raise UsageError(f"--learning_rate must be a positive number, got "
-                         f"{config.learning_rate}")
 
 
 def check_setup(config, strategy):
@@ -208,26 +61,13 @@ def passes_per_update(config, replicas):
     """Forward passes over all replicas per update: max_batch_size / (batch_size x replicas),
     or 1 when adjustment is off or one pass holds max_batch_size examples already."""
     per_pass = config.batch_size * replicas
-    if config.no_adjust_learning_rate or per_pass >= config.max_batch_size:
+    if config.no_accumulate or per_pass >= config.max_batch_size:
         return 1
     if config.max_batch_size % per_pass:
         raise UsageError(f"--max_batch_size {config.max_batch_size} is not a multiple of the "
                          f"{per_pass} examples of one pass ({replicas} replica(s) x --batch_size "
                          f"{config.batch_size}) — pass a --max_batch_size that is")
     return config.max_batch_size // per_pass
-
-
-def check_zero_init(config):
-    """--zero_init_residual needs residual blocks and a norm whose scale can start at 0."""
-    if not config.zero_init_residual:
-        return
-    if config.model not in model_lib.RESIDUAL_MODELS:
-        raise UsageError(f"--zero_init_residual starts each residual block's last norm at 0, and "
-                         f"--model {config.model} has no residual blocks — use --model "
-                         f"{' or '.join(model_lib.RESIDUAL_MODELS)}, or drop the flag")
-    if config.norm_type == "none":
-        raise UsageError("--zero_init_residual starts the scale of a norm at 0, and --norm_type "
-                         "none has none — pick a --norm_type, or drop the flag")
 
 
 def build_model(config, data):
@@ -563,10 +403,15 @@ class Trainer:
                 "and continue from it with --checkpoint")
 
     def log_window(self, step, window, examples_per_step):
+        """The training line of the updates since the last, on the console and (the chief's) in
+        the run's progress file."""
         loss, accuracy, seconds = np.mean(window, axis=0)
         log.info("[train step %5d] loss %.4f accuracy %.2f%% (%.3f sec/pass, %.1f images/sec)",
                  step, loss, 100 * accuracy, seconds / self.passes,
                  examples_per_step / seconds)
+        if self.chief:
+            runs.append_progress(self.run_dir, step=step, loss=float(loss),
+                                 accuracy=float(accuracy), seconds=round(self.seconds, 3))
 
     def write_scalars(self, split, step, **scalars):
         with self.writers[split].as_default(step=step):
@@ -662,7 +507,7 @@ def write_result(trainer, loss, accuracy, confusion, data_read):
 
 
 def main(argv=None):
-    config = parse_args(argv)
+    config = train_flags.parse_args(argv)
     util.setup_logging()
     util.check_writable_directory(config.run_dir or config.train_dir,
                                   "--run_dir" if config.run_dir else "--train_dir")
@@ -671,10 +516,10 @@ def main(argv=None):
     check_setup(config, strategy)
     spec, data = input_ops.load(config.dataset, config.data_dir)
     data_read = time.time()
-    check_flags(config, data)
+    train_flags.check_flags(config, data)
     image_size = data.image_shape[0]
     config.model = config.model or model_lib.default_model(image_size)
-    check_zero_init(config)
+    train_flags.check_zero_init(config)
     config.augment = (spec is not None and spec.augment) if config.augment is None else config.augment
     source = None
     prefix = checkpoint_to_continue(config)

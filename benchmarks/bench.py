@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distribution  # noqa: E402
+import train_flags  # noqa: E402
 import input_ops  # noqa: E402
 import model as model_lib  # noqa: E402
 import ops  # noqa: E402
@@ -382,8 +383,8 @@ SCALE_SETUPS = {"1 device": (["--batch_size", "32"], False),
 
 def scale_step(model_name, norm_type, flags, strategy, data):
     """trainer.Trainer's train_step (input, passes, all-reduce, update) on `data`."""
-    config = trainer.parse_args(["--model", model_name, "--norm_type", norm_type, "--groups", "8",
-                                 "--max_batch_size", "32", *flags])
+    config = train_flags.parse_args(["--model", model_name, "--norm_type", norm_type,
+                                     "--groups", "8", "--max_batch_size", "32", *flags])
     config.augment = False
     distribution.set_precision(config.precision)
     try:

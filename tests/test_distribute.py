@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 import evaler
+import train_flags
 import ops
 import trainer
 from test_train_eval import REPO, checkpoint_values, cli_error, wait_for_text
@@ -292,7 +293,7 @@ def test_jit_compile_trains_like_the_plain_graph(monkeypatch):
     monkeypatch.setattr(ops, "_in_xla_function", lambda: in_xla.append(original()) or in_xla[-1])
     losses = {}
     for jit_compile in (False, True):
-        config = trainer.parse_args([*SMALL, "--batch_size", "4"]
+        config = train_flags.parse_args([*SMALL, "--batch_size", "4"]
                                     + (["--jit_compile"] if jit_compile else []))
         config.augment = False
         keras.utils.set_random_seed(0)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import train_flags
 import model as model_lib
 import ops
 import schedules
@@ -108,11 +109,11 @@ def test_bad_schedule_and_decay_flags_are_refused(flags, says, tmp_path, capsys)
 
 # --weight_decay ---------------------------------------------------------------------------------
 
-def first_update(*flags):
+def first_update(*extra):
     """(weights before, weights after) one update of the conv net on the sample: batch 16, no
-    dropout, the same examples whatever the flags."""
-    config = trainer.parse_args(["--batch_size", "16", "--max_batch_size", "16", "--dropout", "0",
-                                 "--max_training_step", "10", *flags])
+    dropout, the same examples whatever the `extra` flags."""
+    config = train_flags.parse_args(["--batch_size", "16", "--max_batch_size", "16",
+                                     "--dropout", "0", "--max_training_step", "10", *extra])
     config.model, config.augment = "conv", False
     tf.keras.utils.set_random_seed(0)
     run = trainer.Trainer(config, SAMPLE, run_dir=None)

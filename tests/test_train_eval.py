@@ -15,6 +15,8 @@ import pytest
 import tensorflow as tf
 
 import evaler
+import train_flags
+import runs
 import trainer
 import util
 from datasets import hdf5_format, registry
@@ -119,6 +121,25 @@ def test_tensorboard_scalars(batch_norm_run):
     assert train_events["input_images"][0].shape[0] >= 2  # encoded images
     test_events = read_events(os.path.join(batch_norm_run, "test"))
     assert sorted(test_events["loss"]) == sorted(test_events["accuracy"]) == [3, 6]
+
+
+def test_progress_file_has_a_record_per_training_line(batch_norm_run):
+    """progress.jsonl, what study.py follows: one JSON object per logged step."""
+    with open(os.path.join(batch_norm_run, runs.PROGRESS_FILE)) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for record in records:
+        assert record["loss"] > 0 and 0 <= record["accuracy"] <= 1 and record["seconds"] > 0
+    assert runs.last_progress(batch_norm_run) == records[-1]
+
+
+def test_last_progress_skips_a_line_being_written(tmp_path):
+    assert runs.last_progress(tmp_path) is None
+    runs.append_progress(tmp_path, step=10, loss=1.0)
+    runs.append_progress(tmp_path, step=20, loss=0.5)
+    with open(tmp_path / runs.PROGRESS_FILE, "a") as f:
+        f.write('{"step": 30, "lo')
+    assert runs.last_progress(tmp_path) == {"step": 20, "loss": 0.5}
 
 
 def test_evaler_json_on_run_directory(batch_norm_run, capsys):
@@ -242,7 +263,7 @@ def test_group_norm_accumulated_small_batches_equal_one_large_batch():
     _, data = trainer.input_ops.load("sample", "./datasets")
     weights, losses = {}, {}
     for batch_size in (8, 2):
-        config = trainer.parse_args(["--batch_size", str(batch_size), "--max_batch_size", "8",
+        config = train_flags.parse_args(["--batch_size", str(batch_size), "--max_batch_size", "8",
                                      "--dropout", "0", "--max_training_step", "3"])
         config.model, config.augment = "conv", False
         tf.keras.utils.set_random_seed(0)
@@ -253,6 +274,12 @@ def test_group_norm_accumulated_small_batches_equal_one_large_batch():
     np.testing.assert_allclose(losses[2], losses[8], rtol=1e-5)
     for small, large in zip(weights[2], weights[8]):
         np.testing.assert_allclose(small, large, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["--no_accumulate", "--no_adjust_learning_rate"])
+def test_no_accumulate_and_its_2018_name_make_one_update_per_batch(flag):
+    config = train_flags.parse_args(["--batch_size", "8", "--max_batch_size", "64", flag])
+    assert config.no_accumulate and trainer.passes_per_update(config, replicas=1) == 1
 
 
 @pytest.mark.parametrize("layout", ["splits", "per_id_2018"])
@@ -302,7 +329,7 @@ def test_checkpoint_of_a_run_that_counted_batches_as_steps_is_refused(batch_norm
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(util.time, "strftime", lambda _: "20260101-000000")
-    config = trainer.parse_args(["--train_dir", str(tmp_path)])
+    config = train_flags.parse_args(["--train_dir", str(tmp_path)])
     first = util.new_run_dir(config)
     assert first == str(tmp_path / "default-sample_lr_0.001_bs_64_norm_type_group-20260101-000000")
     os.makedirs(first)
