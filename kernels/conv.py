@@ -11,18 +11,20 @@ graph, whatever its size; `conv2d` is tf.nn.conv2d with the oneDNN gradients, an
 picks it for the convolutions where it pays (`pays_off`).
 
 The two ops are TensorFlow internals, so `onednn_gradients_usable()` checks once per process that
-they exist and give TensorFlow's numbers, and the layer keeps TensorFlow's gradients when they
-do not, inside XLA-compiled functions, when the environment sets GN_ONEDNN_CONV=0 or
-TF_ENABLE_ONEDNN_OPTS=0, and for dtypes other than float32.
+they exist and give TensorFlow's numbers (one warning line when a TensorFlow that has them gives
+other numbers, or lacks the private registry they are looked up in), and the layer keeps
+TensorFlow's gradients when they do not, inside XLA-compiled functions, when the environment sets
+GN_ONEDNN_CONV=0 or TF_ENABLE_ONEDNN_OPTS=0, and for dtypes other than float32.
 """
 import functools
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import attr_value_pb2
-from tensorflow.python.framework import op_def_registry
 
+import kernels
 from kernels.group_norm import switched_off
+
+AttrValue = tf.compat.v1.AttrValue  # the protocol buffer of an op's attribute
 
 BACKPROP_OPS = ("_MklNativeConv2DBackpropInput", "_MklNativeConv2DBackpropFilter")
 # Multiply-adds of a convolution from which the oneDNN gradients are the faster, and the fewest
@@ -78,19 +80,18 @@ def _onednn_gradients(x, w, d_outputs, stride_attr):
 def _backprop_op(op_type, inputs, stride_attr):
     """One of BACKPROP_OPS in the graph being built. They are picked by the kernel label their
     registration carries, as TensorFlow's own rewrite picks them."""
-    attrs = {"T": attr_value_pb2.AttrValue(type=inputs[-1].dtype.as_datatype_enum),
+    attrs = {"T": AttrValue(type=inputs[-1].dtype.as_datatype_enum),
              "strides": _ints(stride_attr), "dilations": _ints([1, 1, 1, 1]),
-             "explicit_paddings": _ints([]), "padding": attr_value_pb2.AttrValue(s=b"SAME"),
-             "data_format": attr_value_pb2.AttrValue(s=b"NHWC"),
-             "use_cudnn_on_gpu": attr_value_pb2.AttrValue(b=False),
-             "_kernel": attr_value_pb2.AttrValue(s=b"MklNameChangeOp")}
+             "explicit_paddings": _ints([]), "padding": AttrValue(s=b"SAME"),
+             "data_format": AttrValue(s=b"NHWC"), "use_cudnn_on_gpu": AttrValue(b=False),
+             "_kernel": AttrValue(s=b"MklNameChangeOp")}
     graph = tf.compat.v1.get_default_graph()
     name = op_type.lstrip("_")  # node names may not start with an underscore
     return graph.create_op(op_type, inputs, [inputs[-1].dtype], name=name, attrs=attrs).outputs[0]
 
 
 def _ints(values):
-    return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(i=values))
+    return AttrValue(list=AttrValue.ListValue(i=values))
 
 
 def onednn_gradients_usable():
@@ -102,10 +103,30 @@ def onednn_gradients_usable():
 
 @functools.cache
 def _onednn_gradients_work():
-    if any(op_def_registry.get(op_type) is None for op_type in BACKPROP_OPS):
-        return False
+    registered = _registered_ops()
+    if registered is None:
+        return _fall_back("this TensorFlow has no op registry to look them up in")
+    if not all(op_type in registered for op_type in BACKPROP_OPS):
+        return False  # a build without oneDNN (not x86): nothing to warn about
     with tf.init_scope():  # eagerly, also when first asked while a model is being traced
-        return _same_gradients_as_tensorflow()
+        return _same_gradients_as_tensorflow() or _fall_back(
+            "they did not give TensorFlow's gradients on a test convolution")
+
+
+def _registered_ops():
+    """The names of the ops this TensorFlow registers, from its private registry; None where a
+    release has moved it."""
+    try:
+        from tensorflow.python.framework import op_def_registry
+        return {op_type for op_type in BACKPROP_OPS if op_def_registry.get(op_type) is not None}
+    except (ImportError, AttributeError):
+        return None
+
+
+def _fall_back(reason):
+    kernels.log.warning("Conv2D takes TensorFlow's own gradients, not the oneDNN kernels: %s",
+                        reason)
+    return False
 
 
 def _same_gradients_as_tensorflow():

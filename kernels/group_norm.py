@@ -7,7 +7,6 @@ import functools
 import os
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
 import kernels
 
@@ -163,8 +162,24 @@ def cpp_kernels_usable():
 
 def in_xla_function():
     """True while tracing a function that XLA compiles whole (`jit_compile=True`), which cannot
-    hold the C++ ops. TensorFlow has no public test for this; Keras 2 used the same one."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    hold the C++ ops or the oneDNN gradients; also True where this TensorFlow lacks the test, so
+    that the layers then keep to ops XLA can compile."""
+    test = _xla_context_test()
+    return True if test is None else test(tf.compat.v1.get_default_graph())
+
+
+@functools.cache
+def _xla_context_test():
+    """TensorFlow's test of whether a graph is being traced for XLA. TensorFlow has no public one;
+    Keras 2 used this private one. A release that moves it gets None, after one warning."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+        return control_flow_util.GraphOrParentsInXlaContext
+    except (ImportError, AttributeError) as error:
+        kernels.log.warning("GroupNorm and BatchNorm run their TensorFlow-op kernels and Conv2D "
+                            "TensorFlow's gradients: this TensorFlow cannot tell an XLA-compiled "
+                            "function apart (%s)", error)
+        return None
 
 
 def _cpp_forward(inputs, gamma, beta, groups, epsilon):

@@ -12,16 +12,32 @@ Everything else is Keras's: the variables and their checkpoint names, the learni
 gradient clipping, loss scaling and tf.distribute's per-device updates. Momentum SGD gives Keras's
 numbers bit for bit. Adam differs from Keras's in the last bits of float32: TensorFlow's kernel
 forms 1 - beta in float32 where Keras forms it in Python's float64.
+
+The fused updates read a few of Keras's private attributes (`KERAS_INTERNALS`, the slots of each
+variable). A Keras release without them gets Keras's own update step, after one warning line.
 """
 import types
 
 import keras
 import tensorflow as tf
 
+import kernels
+
 
 class FusedUpdates:
     """The scalars of one update (`update_scalars`, given a dtype and the update's learning rate),
-    computed on the first variable of each dtype and shared by the rest."""
+    computed on the first variable of each dtype and shared by the rest; and the check, when the
+    optimizer is built, that Keras still has the attributes the fused updates read."""
+
+    KERAS_INTERNALS = ("_get_variable_index",)
+
+    def build(self, variables):
+        super().build(variables)
+        missing = [name for name in self.KERAS_INTERNALS if not hasattr(self, name)]
+        self.fused = not missing
+        if missing:
+            kernels.log.warning("%s takes Keras's own update step, not TensorFlow's fused op: this "
+                                "Keras has no %s", type(self).__name__, ", ".join(missing))
 
     def apply(self, grads, trainable_variables=None):
         # A namespace rather than a dict: Keras tracks a dict set on an optimizer, and its
@@ -39,6 +55,8 @@ class FusedUpdates:
 class Adam(FusedUpdates, keras.optimizers.Adam):
     """keras.optimizers.Adam (without amsgrad) on ResourceApplyAdam."""
 
+    KERAS_INTERNALS = ("_get_variable_index", "_momentums", "_velocities")
+
     def __init__(self, learning_rate, global_clipnorm=None):
         super().__init__(learning_rate, global_clipnorm=global_clipnorm)
 
@@ -50,6 +68,8 @@ class Adam(FusedUpdates, keras.optimizers.Adam):
                     epsilon=tf.cast(self.epsilon, dtype))
 
     def update_step(self, gradient, variable, learning_rate):
+        if not self.fused:
+            return super().update_step(gradient, variable, learning_rate)
         index = self._get_variable_index(variable)
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=self._momentums[index].value.handle,
@@ -59,6 +79,8 @@ class Adam(FusedUpdates, keras.optimizers.Adam):
 
 class MomentumSGD(FusedUpdates, keras.optimizers.SGD):
     """keras.optimizers.SGD with (non-Nesterov) momentum on ResourceApplyKerasMomentum."""
+
+    KERAS_INTERNALS = ("_get_variable_index", "momentums")
 
     def __init__(self, learning_rate, momentum, global_clipnorm=None):
         if not momentum > 0:
@@ -70,6 +92,8 @@ class MomentumSGD(FusedUpdates, keras.optimizers.SGD):
         return dict(lr=tf.cast(learning_rate, dtype), momentum=tf.cast(self.momentum, dtype))
 
     def update_step(self, gradient, variable, learning_rate):
+        if not self.fused:
+            return super().update_step(gradient, variable, learning_rate)
         accumulator = self.momentums[self._get_variable_index(variable)].value
         tf.raw_ops.ResourceApplyKerasMomentum(
             var=variable.handle, accum=accumulator.handle, grad=tf.cast(gradient, variable.dtype),

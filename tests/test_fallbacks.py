@@ -1,0 +1,114 @@
+"""A TensorFlow or Keras release without the private pieces the fast paths use makes the repo
+slower, never broken: each piece is taken away here as a release would (an import that fails, a
+Keras attribute gone), and training still runs, with one warning line, to the reference's
+numbers."""
+import logging
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kernels
+import train_flags
+import trainer
+from kernels import conv as conv_kernels
+from kernels import group_norm as gn_compute
+from kernels import optimizers
+
+SAMPLE = trainer.input_ops.load("sample", "./datasets")[1]
+
+
+def weights_after(updates, *extra):
+    """The conv net's weights after `updates` updates of 32 examples (batches of 16) on the
+    sample, no dropout: the same examples whatever the kernels."""
+    config = train_flags.parse_args(["--batch_size", "16", "--max_batch_size", "32",
+                                     "--dropout", "0", "--max_training_step", "10", *extra])
+    config.model, config.augment = "conv", False
+    tf.keras.utils.set_random_seed(0)
+    run = trainer.Trainer(config, SAMPLE, run_dir=None)
+    for _ in range(updates):
+        run.train_step()
+    return [v.numpy() for v in run.model.weights]
+
+
+def remove_module(monkeypatch, package, name):
+    """`from <package> import <name>` fails from here on, as in a release that moved it."""
+    monkeypatch.setitem(sys.modules, f"{package}.{name}", None)
+    monkeypatch.delattr(sys.modules[package], name)
+
+
+def our_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "gn" and r.levelno == logging.WARNING]
+
+
+@pytest.fixture
+def fresh_checks():
+    """The once-per-process checks run again in the test, and again after it."""
+    checks = (gn_compute._xla_context_test, conv_kernels._onednn_gradients_work)
+    for check in checks:
+        check.cache_clear()
+    yield
+    for check in checks:
+        check.cache_clear()
+
+
+@pytest.mark.parametrize("norm_type", ["group", "batch"])
+def test_without_the_xla_context_test_norms_run_their_tensorflow_op_kernels(
+        norm_type, monkeypatch, fresh_checks, caplog):
+    reference = weights_after(3, "--norm_type", norm_type)
+    gn_compute._xla_context_test.cache_clear()
+    remove_module(monkeypatch, "tensorflow.python.ops", "control_flow_util")
+    monkeypatch.setattr(kernels, "group_norm_library", lambda: pytest.fail("C++ kernels ran"))
+    with caplog.at_level(logging.WARNING, logger="gn"):
+        got = weights_after(3, "--norm_type", norm_type)
+    assert gn_compute.in_xla_function()
+    warnings = our_warnings(caplog)
+    assert len(warnings) == 1 and "cannot tell an XLA-compiled function apart" in warnings[0]
+    for ours, theirs in zip(got, reference):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_without_the_op_registry_convolutions_take_tensorflows_gradients(
+        monkeypatch, fresh_checks, caplog):
+    assert conv_kernels.onednn_gradients_usable(), "this machine runs the oneDNN gradients"
+    reference = weights_after(3)
+    conv_kernels._onednn_gradients_work.cache_clear()
+    remove_module(monkeypatch, "tensorflow.python.framework", "op_def_registry")
+    monkeypatch.setattr(conv_kernels, "_onednn_gradients",
+                        lambda *args: pytest.fail("oneDNN gradients ran"))
+    with caplog.at_level(logging.WARNING, logger="gn"):
+        got = weights_after(3)
+        assert not conv_kernels.onednn_gradients_usable()
+    warnings = our_warnings(caplog)
+    assert warnings == ["Conv2D takes TensorFlow's own gradients, not the oneDNN kernels: this "
+                        "TensorFlow has no op registry to look them up in"]
+    for ours, theirs in zip(got, reference):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ours, keras_class", [
+    (optimizers.Adam, keras.optimizers.Adam),
+    (optimizers.MomentumSGD, keras.optimizers.SGD),
+])
+def test_without_keras_internals_the_optimizers_take_keras_update(ours, keras_class, monkeypatch,
+                                                                  caplog):
+    """With an attribute the fused update reads gone, the update is Keras's own, bit for bit."""
+    monkeypatch.setattr(ours, "KERAS_INTERNALS", (*ours.KERAS_INTERNALS, "_gone_in_a_release"))
+    options = {"momentum": 0.9} if ours is optimizers.MomentumSGD else {}
+    results = []
+    for optimizer in (ours(1e-2, global_clipnorm=20.0, **options),
+                      keras_class(1e-2, global_clipnorm=20.0, **options)):
+        variables = [keras.Variable(np.linspace(-1, 1, 12, dtype="float32").reshape(3, 4))]
+        with caplog.at_level(logging.WARNING, logger="gn"):
+            optimizer.build(variables)
+        update = tf.function(lambda g: optimizer.apply_gradients(zip([g], variables)))
+        for step in range(5):
+            update(tf.fill([3, 4], 0.1 * (step + 1)))
+        results.append(variables[0].numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+    warnings = our_warnings(caplog)
+    assert warnings == [f"{ours.__name__} takes Keras's own update step, not TensorFlow's fused "
+                        "op: this Keras has no _gone_in_a_release"]
