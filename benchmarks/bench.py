@@ -55,10 +55,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distribution  # noqa: E402
-import train_flags  # noqa: E402
 import input_ops  # noqa: E402
 import model as model_lib  # noqa: E402
 import ops  # noqa: E402
+import train_flags  # noqa: E402
 import trainer  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
 from kernels import optimizers  # noqa: E402
@@ -71,17 +71,19 @@ STEP_BATCHES = (2, 32)
 # Instances of each (model, norm) in the step section: 4 for the two target models, 2 for the
 # large resnet, whose instances cost memory and minutes.
 STEP_INSTANCES = {"conv": 4, "resnet20": 4, "resnet": 2}
-TARGETS = [  # (name, limit)
-    ("GN / BN layer, [32,32,32,64]", 0.8),
-    ("GN / keras GN layer, [8,56,56,256]", 0.4),
-    ("train step GN / BN, conv and resnet20, batch 2 and 32 (worst)", 1.0),
-    ("train step / forward-only, conv, batch 32", 6.0),
-    ("input wait fraction, 32x32x3 crop+flip", 0.05),
-    ("peak RSS / (1.5 x data + footprint), Tiny-ImageNet-sized file", 1.0),
-    ("seconds from the HDF5 read to the first update, Tiny-ImageNet-sized file", 5.0),
-    ("GN / fused BN layer, float32, worst of the three shapes", 0.9),
-    ("train step / PyTorch's, conv and resnet20, BN and GN, batch 2 and 32 (worst)", 1.0),
-]
+TARGETS = {  # key: (what is measured, the largest value that meets the target)
+    "gn_over_bn_layer": ("GN / BN layer, [32,32,32,64]", 0.8),
+    "gn_over_keras_gn_layer": ("GN / keras GN layer, [8,56,56,256]", 0.4),
+    "gn_over_fused_bn_layer": ("GN / fused BN layer, float32, worst of the three shapes", 0.9),
+    "gn_over_bn_step": ("train step GN / BN, conv and resnet20, batch 2 and 32 (worst)", 1.0),
+    "step_over_forward": ("train step / forward-only, conv, batch 32", 6.0),
+    "step_over_torch": ("train step / PyTorch's, conv and resnet20, BN and GN, batch 2 and 32 "
+                        "(worst)", 1.0),
+    "input_wait": ("input wait fraction, 32x32x3 crop+flip", 0.05),
+    "peak_memory": ("peak RSS / (1.5 x data + footprint), Tiny-ImageNet-sized file", 1.0),
+    "seconds_to_first_update": ("seconds from the HDF5 read to the first update, "
+                                "Tiny-ImageNet-sized file", 5.0),
+}
 TORCH_STEP = os.path.join(REPO, "benchmarks", "torch_step.py")
 TORCH_MODELS = ("conv", "resnet20")
 
@@ -491,40 +493,40 @@ def print_memory(row):
 # Report -----------------------------------------------------------------------------------------
 
 def target_values(results):
-    """The measured value of each target in TARGETS that was run, in TARGETS' order."""
+    """{TARGETS key: the measured value} of each target whose section was run."""
     values = {}
     if "norm" in results:
         float32 = [row for row in results["norm"] if row["dtype"] == "float32"]
-        values[TARGETS[0][0]] = next(r["gn_over_bn"] for r in float32
-                                     if r["shape"] == [32, 32, 32, 64])
-        values[TARGETS[1][0]] = next(r["gn_over_keras_gn"] for r in float32
-                                     if r["shape"] == [8, 56, 56, 256])
-        values[TARGETS[7][0]] = max(r["gn_over_fused_bn"] for r in float32)
+        values["gn_over_bn_layer"] = next(r["gn_over_bn"] for r in float32
+                                          if r["shape"] == [32, 32, 32, 64])
+        values["gn_over_keras_gn_layer"] = next(r["gn_over_keras_gn"] for r in float32
+                                                if r["shape"] == [8, 56, 56, 256])
+        values["gn_over_fused_bn_layer"] = max(r["gn_over_fused_bn"] for r in float32)
     if "step" in results:
         ratios = [r["gn_over_bn"] for r in results["step"] if r["model"] in ("conv", "resnet20")]
         conv32 = [r["step_over_forward"] for r in results["step"]
                   if (r["model"], r["batch"]) == ("conv", 32)]
-        if ratios:
-            values[TARGETS[2][0]] = max(ratios)
-        if conv32:
-            values[TARGETS[3][0]] = max(conv32)
         over_torch = [r["over_torch"] for r in results["step"] if "over_torch" in r]
-        if over_torch:
-            values[TARGETS[8][0]] = max(over_torch)
+        for key, measured in (("gn_over_bn_step", ratios), ("step_over_forward", conv32),
+                              ("step_over_torch", over_torch)):
+            if measured:
+                values[key] = max(measured)
     if "input" in results:
-        values[TARGETS[4][0]] = results["input"][-1]["wait_fraction"]
+        values["input_wait"] = results["input"][-1]["wait_fraction"]
     if "memory" in results:
-        values[TARGETS[5][0]] = results["memory"]["peak_over_limit"]
-        values[TARGETS[6][0]] = results["memory"]["seconds_to_first_update"]
+        values["peak_memory"] = results["memory"]["peak_over_limit"]
+        values["seconds_to_first_update"] = results["memory"]["seconds_to_first_update"]
     return values
 
 
-def print_targets(values):
-    print("Targets")
-    for name, limit in TARGETS:
-        if name in values:
-            verdict = "met" if values[name] <= limit else "NOT met"
-            print(f"  {name}: {values[name]:.2f} (target <= {limit}) {verdict}")
+def target_lines(values):
+    """A line per measured target: what, the value, the limit and whether it is met."""
+    lines = []
+    for key, (name, limit) in TARGETS.items():
+        if key in values:
+            verdict = "met" if values[key] <= limit else "NOT met"
+            lines.append(f"  {name}: {values[key]:.2f} (target <= {limit}) {verdict}")
+    return lines
 
 
 def group_norm_kernels():
@@ -578,7 +580,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print_targets(results["targets"])
+        print("\n".join(["Targets", *target_lines(results["targets"])]))
 
 
 if __name__ == "__main__":
