@@ -51,12 +51,12 @@ def parse_args(argv=None):
 def checkpoints_to_evaluate(path, every):
     """The checkpoint prefixes named by --checkpoint (and --all, which reports the unreadable
     ones on stderr and leaves them out), oldest first."""
-    latest = util.resolve_checkpoint(path)
+    latest = runs.resolve_checkpoint(path)
     if not every:
         return [latest]
     readable = []
-    for prefix in util.run_checkpoints(os.path.dirname(latest)):
-        problem = util.unreadable(prefix)
+    for prefix in runs.run_checkpoints(os.path.dirname(latest)):
+        problem = runs.unreadable(prefix)
         if problem:
             print(f"warning: not evaluating {prefix}, which cannot be read ({problem})",
                   file=sys.stderr)
@@ -100,7 +100,7 @@ def main(argv=None):
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     util.check_precise_bn_flag(args.precise_bn)
     prefixes = checkpoints_to_evaluate(args.checkpoint, args.all)
-    config = util.read_run_config(prefixes[-1])
+    config = runs.read_run_config(prefixes[-1])
     _, data = input_ops.load(config["dataset"], args.data_dir or config["data_dir"])
     dataset = input_ops.eval_dataset(data, args.batch_size)
     results = []

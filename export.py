@@ -227,7 +227,7 @@ def main(argv=None):
         files = export(model, shape, formats, folder)
         differences = check_against_checkpoint(model, shape, files)
         util.write_json(os.path.join(folder, "export.json"), {
-            "checkpoint": prefix, "step": util.checkpoint_step(prefix), "model": config["model"],
+            "checkpoint": prefix, "step": runs.checkpoint_step(prefix), "model": config["model"],
             "norm_type": config["norm_type"], "dataset": config["dataset"],
             "image_shape": list(shape.image_shape), "num_classes": shape.num_classes,
             "class_names": shape.class_names, "central_fraction": shape.central_fraction,

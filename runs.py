@@ -1,6 +1,7 @@
-"""A run's model after training: restore it from a checkpoint, evaluate it on the test set, report
-the result in one JSON shape, and re-estimate BN's population statistics (precise BN); and the
-run's progress file, through which study.py follows a training run.
+"""A run directory and its model: its checkpoints (found, checked, the newest readable one), its
+config.json, its progress file (through which study.py follows a training run); the model
+restored from a checkpoint, evaluated on the test set, reported in one JSON shape, and BN's
+population statistics re-estimated (precise BN).
 
 trainer.py (its result.json), evaler.py, study.py (through evaler.py), export.py and predict.py
 share these, so a run is restored and measured one way everywhere.
@@ -18,6 +19,79 @@ import input_ops
 import model as model_lib
 import util
 from util import UsageError
+
+
+# Checkpoints and config.json ---------------------------------------------------------------------
+
+def resolve_checkpoint(path):
+    """The checkpoint prefix for `path`: a checkpoint prefix, which must be readable, or a run
+    directory, whose `latest_checkpoint` is taken."""
+    if os.path.isdir(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise UsageError(f"no checkpoint in {path} — pass a run directory that holds "
+                             "model-<step>.index files, or a checkpoint prefix")
+        return latest
+    if os.path.exists(path + ".index"):
+        problem = unreadable(path)
+        if problem:
+            raise UsageError(f"checkpoint {path} cannot be read ({problem}) — pass another "
+                             "checkpoint of the run, or its run directory")
+        return path
+    raise UsageError(f"checkpoint {path} does not exist — pass a run directory under train_dir/ "
+                     "or a checkpoint prefix such as train_dir/<run>/model-1000")
+
+
+def run_checkpoints(run_dir):
+    """The checkpoint prefixes of a run directory, oldest first."""
+    state = tf.train.get_checkpoint_state(run_dir) if os.path.isdir(run_dir) else None
+    return list(state.all_model_checkpoint_paths) if state else []
+
+
+def latest_checkpoint(run_dir):
+    """The checkpoint a run continues from, and what `--checkpoint <run>` means everywhere: the
+    newest readable one in `run_dir` (newer ones that cannot be read are skipped with a
+    warning), or None when it holds none; a one-line error when none of them can be read."""
+    prefixes = run_checkpoints(run_dir)
+    if not prefixes:
+        return None
+    for prefix in reversed(prefixes):
+        problem = unreadable(prefix)
+        if not problem:
+            return prefix
+        util.log.warning("warning: skipping checkpoint %s, which cannot be read (%s)", prefix,
+                         problem)
+    raise UsageError(f"none of the {len(prefixes)} checkpoints in {run_dir} can be read — "
+                     "start a new run")
+
+
+def unreadable(prefix):
+    """Why checkpoint `prefix` cannot be read (the first line of the error), or None. A truncated
+    or damaged data file shows only when its values are read, so every value is read (the input
+    pipeline's state, a variant, cannot be read outside a restore and is skipped)."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name, dtype in reader.get_variable_to_dtype_map().items():
+            if dtype != tf.variant:
+                reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError) as error:
+        return util.first_line(error)
+    return None
+
+
+def checkpoint_step(prefix):
+    """The training step in a checkpoint name written by the trainer (`.../model-<step>`)."""
+    return int(prefix.rsplit("-", 1)[1])
+
+
+def read_run_config(checkpoint_prefix):
+    """The config.json of the run that wrote `checkpoint_prefix`."""
+    path = os.path.join(os.path.dirname(checkpoint_prefix), "config.json")
+    if not os.path.exists(path):
+        raise UsageError(f"{path} is missing — the checkpoint must sit in the run directory "
+                         "trainer.py wrote it to")
+    with open(path) as f:
+        return json.load(f)
 
 
 # <run>/progress.jsonl: one JSON object per training line the trainer logs, made for machines.
@@ -53,8 +127,8 @@ def restore_run(checkpoint, data_dir=None):
     for `--checkpoint` (a run directory or a checkpoint prefix). The input shape and class names
     come from config.json; for runs whose config.json predates them, from the run's dataset (in
     `data_dir`, default the run's own)."""
-    prefix = util.resolve_checkpoint(checkpoint)
-    config = util.read_run_config(prefix)
+    prefix = resolve_checkpoint(checkpoint)
+    config = read_run_config(prefix)
     shape = network_shape(config, data_dir)
     return prefix, config, shape, restore_model(prefix, config, shape)
 
@@ -140,7 +214,7 @@ def report(prefix, loss, accuracy, confusion, class_names):
     """The result of evaluating checkpoint `prefix`: what `evaler.py --json` prints and the core
     of the trainer's result.json."""
     per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
-    return {"checkpoint": prefix, "step": util.checkpoint_step(prefix), "loss": float(loss),
+    return {"checkpoint": prefix, "step": checkpoint_step(prefix), "loss": float(loss),
             "accuracy": float(accuracy),
             "per_class_accuracy": dict(zip(class_names, per_class.round(4).tolist())),
             "confusion_matrix": confusion.tolist()}

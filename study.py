@@ -377,10 +377,10 @@ class Cell:
 
     def steps_done(self):
         """The step of the cell's latest checkpoint (0 before its first)."""
-        import tensorflow as tf
+        import runs
 
-        latest = os.path.isdir(self.run_dir) and tf.train.latest_checkpoint(self.run_dir)
-        return util.checkpoint_step(latest) if latest else 0
+        latest = runs.latest_checkpoint(self.run_dir)
+        return runs.checkpoint_step(latest) if latest else 0
 
 
 def read_json(path):

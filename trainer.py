@@ -377,7 +377,7 @@ class Trainer:
             if self.share.workers == 1:
                 raise
             # The chief's checkpoints, which every worker continues from.
-            latest = tf.train.latest_checkpoint(self.run_dir)
+            latest = runs.latest_checkpoint(self.run_dir)
             raise WorkerLost(
                 f"lost contact with another worker in update {number} "
                 f"({type(error).__name__}) — " + (
@@ -478,16 +478,13 @@ def check_can_continue(config, prefix, source_config):
 
 
 def checkpoint_to_continue(config):
-    """The checkpoint this run starts from: the newest readable one in --run_dir when that
-    directory holds some (the run continues in place), else --checkpoint's, else None."""
-    latest = None
-    if config.run_dir is not None and os.path.isdir(config.run_dir) and \
-            util.run_checkpoints(config.run_dir):
-        latest = util.newest_readable_checkpoint(config.run_dir)
+    """The checkpoint this run starts from: the latest in --run_dir when that directory holds
+    some (the run continues in place), else --checkpoint's, else None."""
+    latest = config.run_dir and runs.latest_checkpoint(config.run_dir)
     if latest and config.checkpoint:
         raise UsageError(f"--run_dir {config.run_dir} holds checkpoints already — drop "
                          "--checkpoint to continue it, or pass a new --run_dir")
-    return latest or (config.checkpoint and util.resolve_checkpoint(config.checkpoint))
+    return latest or (config.checkpoint and runs.resolve_checkpoint(config.checkpoint))
 
 
 def write_result(trainer, loss, accuracy, confusion, data_read):
@@ -524,7 +521,7 @@ def main(argv=None):
     source = None
     prefix = checkpoint_to_continue(config)
     if prefix:
-        source = (prefix, util.read_run_config(prefix))
+        source = (prefix, runs.read_run_config(prefix))
         check_can_continue(config, *source)
 
     keras.utils.set_random_seed(config.seed)
