@@ -210,7 +210,7 @@ def export(model, shape, formats, folder):
     if "keras" in formats:
         model.save(files["keras"])
         log.info("wrote the Keras file")
-    if "saved_model" not in formats:
+    if "tflite" in formats and "saved_model" not in formats:  # written only to convert
         tf.io.gfile.rmtree(saved_model)
     with open(os.path.join(folder, "labels.txt"), "w") as f:
         f.writelines(name + "\n" for name in shape.class_names)

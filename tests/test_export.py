@@ -136,14 +136,23 @@ def test_export_directory(exported, sample):
         assert b"GnGroupNorm" not in f.read()
 
 
-def test_one_format_and_no_dataset_needed(exported, tmp_path, capsys):
-    """--format tflite writes that file alone (the SavedModel it converts from is removed), and
-    the run's config.json, not its dataset, tells the image shape and class names."""
+@pytest.mark.parametrize("formats", [["saved_model"], ["tflite"], ["keras"],
+                                     ["saved_model", "tflite"], ["saved_model", "keras"],
+                                     ["tflite", "keras"]])
+def test_each_set_of_formats_writes_those_alone_and_needs_no_dataset(formats, exported, tmp_path,
+                                                                     capsys):
+    """--format writes the files asked for alone (a SavedModel written only to convert to TFLite
+    is removed), and the run's config.json, not its dataset, tells the image shape and class
+    names."""
     run_dir, _ = exported["group"]
-    export.main(["--checkpoint", run_dir, "--output", str(tmp_path / "lite"), "--format",
-                 "tflite", "--data_dir", str(tmp_path / "no_data_here")])
-    assert sorted(os.listdir(tmp_path / "lite")) == ["export.json", "labels.txt", "model.tflite"]
-    assert "model.tflite" in capsys.readouterr().out
+    export.main(["--checkpoint", run_dir, "--output", str(tmp_path / "out"), "--format",
+                 *formats, "--data_dir", str(tmp_path / "no_data_here")])
+    files = {"saved_model": "saved_model", "tflite": "model.tflite", "keras": "model.keras"}
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["export.json", "labels.txt", *(files[name] for name in formats)])
+    with open(tmp_path / "out" / "export.json") as f:
+        assert sorted(json.load(f)["files"]) == sorted(formats)
+    assert files[formats[0]] in capsys.readouterr().out
 
 
 # predict.py -------------------------------------------------------------------------------------
