@@ -269,11 +269,9 @@ class BatchNorm(keras.layers.BatchNormalization):
     Keras 3 normalizes with `tf.nn.moments` and `tf.nn.batch_normalization`, several passes over
     the activations forward and more backward; TensorFlow's fused kernel (FusedBatchNormV3 and
     its registered gradient, FusedBatchNormGradV3) does the statistics and the normalization in
-    one op each way. On a 2-core CPU, forward + backward on [32, 32, 32, 64] and
-    [8, 56, 56, 256] take about 0.7x the time of Keras's computation in float32 and 0.5x in
-    bfloat16 (on [2, 16, 16, 512], where the cost per op dominates, 0.95x), within a few
-    percent of the bare kernel. In training, tensors of up to GN_KERNEL_MAX_ELEMENTS values
-    normalize on GroupNorm's C++ kernels instead, which are faster still there
+    one op each way, in less time than Keras's computation (docs/performance.md has the
+    measurements). In training, tensors of up to GN_KERNEL_MAX_ELEMENTS values normalize on
+    GroupNorm's C++ kernels instead, which are faster still there
     (`_batch_norm_on_group_norm_kernel`); GN_CPP_KERNELS=0 keeps the fused kernel. The
     arguments, the variables
     (gamma, beta, moving_mean, moving_variance: the same names, order and dtypes, so checkpoints
@@ -336,10 +334,9 @@ class BatchNorm(keras.layers.BatchNormalization):
         return scale, offset
 
 
-# BN's training normalization on GroupNorm's C++ kernels, against the fused kernel (forward +
-# backward, 2 cores): 0.43-0.72x its time on ResNet-20's maps and on bench.py's [32, 32, 32, 64]
-# (2M values) and [2, 16, 16, 512]; even at [32, 56, 56, 64] (6.4M); 1.3x at [8, 56, 56, 256]
-# (6.4M), where the fused kernel's threads stream the tensor better than channel blocks do.
+# BN's training normalization runs on GroupNorm's C++ kernels up to this many values; above it,
+# the fused kernel's threads stream the tensor better than the C++ kernel's channel blocks do
+# (docs/performance.md, "BN trained on GroupNorm's C++ kernels").
 GN_KERNEL_MAX_ELEMENTS = 1 << 22
 
 
@@ -393,16 +390,14 @@ class Conv2D(keras.layers.Conv2D):
         ws_epsilon: added to the filter variance before the square root.
 
     TensorFlow's CPU kernel for a convolution's input gradient is slow on small maps with many
-    channels: 0.18 s for the 2018 net's last conv ([32, 4, 4, 256] -> [32, 2, 2, 512]), whose
-    forward pass takes 4 ms; 1.8 s for both gradients of a 3x3 conv on [32, 2, 2, 1024]. On maps
-    no larger than the kernel, and on maps of at most 8x8 positions with 128 channels or more,
-    this layer gathers the kernel-sized patches (one gather over the flattened map) and multiplies
-    them by the kernel instead: the same numbers, forward and backward 2-40x faster there
-    (`_patches_matmul` says how the backward product is chosen). Large float32 convolutions (a
-    batch-32 ResNet-20's 3x3 convs) take their gradients from TensorFlow's oneDNN kernels, which
-    TensorFlow leaves unused on CPUs without AVX-512 (kernels/conv.py): up to 3x faster there.
-    These were measured on a CPU; where a GPU is visible the layer keeps TensorFlow's
-    convolution (cuDNN).
+    channels, far slower than the forward pass. On maps no larger than the kernel, and on maps
+    of at most 8x8 positions with 128 channels or more, this layer gathers the kernel-sized
+    patches (one gather over the flattened map) and multiplies them by the kernel instead: the
+    same numbers, forward and backward several times faster there (`_patches_matmul` says how
+    the backward product is chosen). Large float32 convolutions (a batch-32 ResNet-20's 3x3
+    convs) take their gradients from TensorFlow's oneDNN kernels, which TensorFlow leaves unused
+    on CPUs without AVX-512 (kernels/conv.py). docs/performance.md has the measurements; where a
+    GPU is visible the layer keeps TensorFlow's convolution (cuDNN).
     """
 
     def __init__(self, filters, kernel_size, strides=1, weight_std=False, ws_epsilon=1e-5,
@@ -486,7 +481,7 @@ def _patch_indices(size, kernel_size, strides):
 def _patches_matmul(patches, kernel):
     """patches @ kernel, with the patches' gradient dy @ kernel^T computed as (kernel @ dy^T)^T
     when the patches have fewer rows than columns: on such wide, short results TensorFlow's CPU
-    product takes 2-4x longer for dy @ kernel^T (measured on the 2018 nets' small maps)."""
+    product is the slower for dy @ kernel^T (docs/performance.md)."""
     def gradient(d_outputs):
         rows, columns = patches.shape
         if rows is not None and rows < columns:

@@ -2,11 +2,11 @@
 
 TensorFlow's x86 builds carry oneDNN kernels for both gradients of Conv2D, registered as
 _MklNativeConv2DBackpropInput and _MklNativeConv2DBackpropFilter, but its oneDNN graph rewrite is
-on by default only on CPUs with AVX-512 and newer. Elsewhere (the 2-vCPU AVX2 EPYC this repo is
-measured on) the gradients run on TensorFlow's own kernels, which cut the work into many small
-matrix products: on the large convolutions of a batch-32 step they take 2-3x as long as the oneDNN
-kernels (docs/performance.md has the table), while on small ones (batch 2) the oneDNN kernels'
-fixed cost per call makes them the slower. TF_ENABLE_ONEDNN_OPTS=1 would move every op of the
+on by default only on CPUs with AVX-512 and newer. Elsewhere (an AVX2 CPU) the gradients run on
+TensorFlow's own kernels, which cut the work into many small matrix products: on the large
+convolutions of a batch-32 step they take longer than the oneDNN kernels (docs/performance.md has
+the table), while on small ones (batch 2) the oneDNN kernels' fixed cost per call makes them the
+slower. TF_ENABLE_ONEDNN_OPTS=1 would move every op of the
 graph, whatever its size; `conv2d` is tf.nn.conv2d with the oneDNN gradients, and ops.Conv2D
 picks it for the convolutions where it pays (`pays_off`).
 
@@ -28,10 +28,9 @@ AttrValue = tf.compat.v1.AttrValue  # the protocol buffer of an op's attribute
 
 BACKPROP_OPS = ("_MklNativeConv2DBackpropInput", "_MklNativeConv2DBackpropFilter")
 # Multiply-adds of a convolution from which the oneDNN gradients are the faster, and the fewest
-# input channels (a 3-channel first layer's input gradient is faster on TensorFlow's kernel).
-# Measured on 2 cores (AVX2) with the models' shapes at batch 2 and 32: ResNet-20's 3x3 convs at
-# batch 32 (38-75M) and the `conv` net's second conv (268M) gain up to 3x per gradient; everything
-# at batch 2 (at most 17M) loses up to 2x.
+# input channels (a 3-channel first layer's input gradient is faster on TensorFlow's kernel):
+# between the models' convolutions at batch 2 (at most 17M, which lose) and ResNet-20's 3x3
+# convs at batch 32 (38-75M, which gain); docs/performance.md has the measurements.
 MIN_MULTIPLY_ADDS = 32 * 2**20
 MIN_INPUT_CHANNELS = 16
 

@@ -122,8 +122,9 @@ def backward(d_outputs, inputs, gamma, mean, rstd, groups):
             tf.reduce_sum(sum_dy_x_hat, axis=[0, 1]), tf.reduce_sum(sum_dy, axis=[0, 1]))
 
 
-# Launching an XLA computation costs about 0.1 ms on a CPU: it pays off from about 128K elements
-# (a [32, 2, 2, 512] tensor runs faster as ordinary TensorFlow ops, a [32, 4, 4, 256] one compiled).
+# Launching an XLA computation has a fixed cost on a CPU: it pays off from about this many
+# elements (a [32, 2, 2, 512] tensor runs faster as ordinary TensorFlow ops, a [32, 4, 4, 256] one
+# compiled).
 XLA_MIN_ELEMENTS = 1 << 17
 TF_KERNELS = (forward, backward)
 

@@ -2,8 +2,8 @@
 
 Keras 3 writes an optimizer's update of each variable as a dozen separate TensorFlow ops, and
 recomputes the update's scalars (the learning rate's cast, the powers of beta) for every variable:
-about 45 ops per variable for Adam, 2,900 for ResNet-20's 65 variables. Tracing that graph and
-optimizing it before the first update took about 3 s of a `trainer.py` run's start on 2 cores.
+about 45 ops per variable for Adam, 2,900 for ResNet-20's 65 variables, which take seconds to
+trace and optimize before a run's first update (docs/performance.md, "Memory and start-up").
 TensorFlow's ResourceApplyAdam and ResourceApplyKerasMomentum (the ops tf.keras 2 ran) do each
 variable's update in one op, and `apply` computes the scalars once per update: about 10 ops per
 variable, and the update itself faster too (docs/performance.md has the numbers).
