@@ -26,13 +26,13 @@ def build_parser(**options):
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=registry.DEFAULT_DATASET,
                       help="sample (default: the bundled Fashion-MNIST subset), MNIST, Fashion, "
-                           "SVHN, CIFAR10, TinyImageNet, ImageNet, or any NAME with "
+                           "SVHN, CIFAR10, CIFAR100, TinyImageNet, ImageNet, or any NAME with "
                            "<data_dir>/NAME/data.hdf5")
     data.add_argument("--data_dir", default=registry.DEFAULT_DATA_DIR,
                       help="where datasets live (default: %(default)s)")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                      help="random crop + horizontal flip (default: on for CIFAR10 and "
-                           "TinyImageNet, off for digits and clothes)")
+                      help="random crop + horizontal flip (default: on for CIFAR10, CIFAR100, "
+                           "TinyImageNet and ImageNet, off for digits and clothes)")
     net = parser.add_argument_group("model")
     net.add_argument("--model", choices=model_lib.MODELS, default=None,
                      help="network (default: conv for images up to 32 px, resnet above)")

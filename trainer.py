@@ -64,9 +64,14 @@ def passes_per_update(config, replicas):
     if config.no_accumulate or per_pass >= config.max_batch_size:
         return 1
     if config.max_batch_size % per_pass:
-        raise UsageError(f"--max_batch_size {config.max_batch_size} is not a multiple of the "
-                         f"{per_pass} examples of one pass ({replicas} replica(s) x --batch_size "
-                         f"{config.batch_size}) — pass a --max_batch_size that is")
+        fitting = [str(b) for b in range(1, config.max_batch_size // replicas + 1)
+                   if config.max_batch_size % (b * replicas) == 0]
+        raise UsageError(f"--batch_size {config.batch_size} does not fit updates of "
+                         f"--max_batch_size {config.max_batch_size}, which is not a multiple of "
+                         f"the {per_pass} examples of one pass ({replicas} replica(s) x "
+                         f"--batch_size {config.batch_size}) — pass a --batch_size of "
+                         f"{', '.join(fitting)}, or a --max_batch_size that is a multiple of "
+                         f"{per_pass}")
     return config.max_batch_size // per_pass
 
 

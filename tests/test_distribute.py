@@ -265,7 +265,11 @@ def test_mixed_precision_learns_with_float32_variables(precision, tmp_path):
     (["--devices", "0"], {}, "--devices must be at least 1, got 0"),
     (["--devices", "2", "--strategy", "default"], {}, "pass --strategy mirrored (or auto)"),
     (["--batch_size", "3", "--max_batch_size", "8"], {},
-     "--max_batch_size 8 is not a multiple of the 3 examples of one pass"),
+     "--batch_size 3 does not fit updates of --max_batch_size 8, which is not a multiple of the "
+     "3 examples of one pass (1 replica(s) x --batch_size 3) — pass a --batch_size of 1, 2, 4, "
+     "8, or a --max_batch_size that is a multiple of 3"),
+    (["--batch_size", "3"], {}, "pass a --batch_size of 1, 2, 4, 8, 16, 32, 64, or a "
+                                "--max_batch_size that is a multiple of 3"),
 ])
 def test_setups_that_cannot_work_are_one_line_errors(argv, env, message, monkeypatch, capsys):
     for name, value in env.items():
