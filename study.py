@@ -338,11 +338,19 @@ class Cell:
         return f"{self.norm_type}-{groups}bs{self.batch_size}-seed{self.seed}"
 
     @property
+    def base_norm_type(self):
+        """The cell's --norm_type."""
+        return self.norm_type.removesuffix(WEIGHT_STD_SUFFIX)
+
+    @property
+    def weight_std(self):
+        """Whether the cell also passes --weight_std."""
+        return self.norm_type.endswith(WEIGHT_STD_SUFFIX)
+
+    @property
     def flags(self):
         """The trainer flags that make this cell: its norm type, groups, batch size and seed."""
-        flags = ["--norm_type", self.norm_type.removesuffix(WEIGHT_STD_SUFFIX)]
-        if self.norm_type.endswith(WEIGHT_STD_SUFFIX):
-            flags.append("--weight_std")
+        flags = ["--norm_type", self.base_norm_type] + (["--weight_std"] if self.weight_std else [])
         if self.grouping:
             flags += [{"G": "--groups", "C": "--channels_per_group"}[self.grouping[0]],
                       str(self.grouping[1])]

@@ -14,7 +14,6 @@ import util
 
 NAMES = {"batch": "BN", "sync_batch": "sync BN", "group": "GN", "layer": "LN",
          "instance": "IN", "none": "no norm"}
-WEIGHT_STD_SUFFIX = "+ws"  # study.py's: a cell that also passes --weight_std
 PRECISE = " (precise)"
 CSV_COLUMNS = ("norm_type", "groups", "channels_per_group", "batch_size", "seed", "step",
                "examples_per_update", "learning_rate", "test_accuracy", "test_loss",
@@ -54,7 +53,7 @@ def read_row(cell):
     result, precise = cell.result(), cell.precise_bn_result()
     config = result["config"]
     return {"norm_type": cell.norm_type, "grouping": cell.grouping,
-            "line": line_name(cell.norm_type, cell.grouping),
+            "norm": norm_name(cell), "line": line_name(cell),
             "groups": config["groups"], "channels_per_group": config.get("channels_per_group"),
             "batch_size": cell.batch_size, "seed": cell.seed, "step": result["step"],
             "examples_per_update": config["accumulation_steps"] * config["batch_size"] *
@@ -65,11 +64,16 @@ def read_row(cell):
             "run_dir": cell.run_dir, "config": config}
 
 
-def line_name(norm_type, grouping):
-    """A cell's line in tables and figures: 'BN', 'GN+WS', 'GN, G=8', 'GN, C=16'."""
-    base = norm_type.removesuffix(WEIGHT_STD_SUFFIX)
-    name = NAMES.get(base, base) + ("+WS" if norm_type.endswith(WEIGHT_STD_SUFFIX) else "")
-    return f"{name}, {grouping[0]}={grouping[1]}" if grouping else name
+def norm_name(cell):
+    """A cell's normalization as tables and figures name it: 'BN', 'GN', 'GN+WS'."""
+    return NAMES.get(cell.base_norm_type, cell.base_norm_type) + ("+WS" if cell.weight_std else "")
+
+
+def line_name(cell):
+    """A cell's line in tables and figures: its norm_name, with its groups where the grid sets
+    them ('GN, G=8', 'GN, C=16')."""
+    grouping = cell.grouping
+    return f"{norm_name(cell)}, {grouping[0]}={grouping[1]}" if grouping else norm_name(cell)
 
 
 def write_text(path, text):
@@ -119,7 +123,7 @@ def group_summary(rows):
     for row in rows:
         if row["grouping"]:
             kind, value = row["grouping"]
-            key = (kind, row["batch_size"], row["line"].split(",")[0])
+            key = (kind, row["batch_size"], row["norm"])
             summary.setdefault(key, {}).setdefault(value, []).append(
                 100 * (1 - row["test_accuracy"]))
     return {key: {value: statistics(errors) for value, errors in sorted(by_value.items())}
@@ -221,7 +225,7 @@ def recipe_text(config):
 
 
 def groups_text(rows, config):
-    if all(row["grouping"] for row in rows if row["norm_type"].startswith("group")):
+    if any(row["grouping"] for row in rows):
         return "GN's groups as in each row"
     if config.get("channels_per_group"):
         return f"GN with {config['channels_per_group']} channels per group"
