@@ -11,7 +11,8 @@
                    Standard TensorFlow ops only: it loads with tf.saved_model.load wherever
                    TensorFlow runs, without this repo.
     model.tflite   serving_default converted by TensorFlow Lite's converter (the same inputs and
-                   outputs), for tf.lite.Interpreter / LiteRT.
+                   outputs), for LiteRT's interpreter (pip install ai-edge-litert) or TensorFlow's
+                   tf.lite.Interpreter, which reads it too.
     model.keras    the Keras network itself (float32 images in [0, 1] -> logits), to fine-tune or
                    build on; keras.saving.load_model opens it where this repo is importable (its
                    layers are the repo's).
@@ -60,10 +61,6 @@ def parse_args(argv=None):
                         help="the directory to create for the export (must not exist)")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
                         help="what to write (default: all of them)")
-    parser.add_argument("--data_dir", default=None,
-                        help="where the run's dataset lives, read only for runs whose config.json "
-                             "does not record their image shape and class names (default: the "
-                             "run's --data_dir)")
     util.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
@@ -113,14 +110,23 @@ def saved_model_probabilities(path):
     return lambda images: serve(images=tf.constant(images))["probabilities"].numpy()
 
 
+def tflite_interpreter(path):
+    """An interpreter of the TFLite file at `path`: LiteRT's, which TensorFlow recommends, when
+    the ai-edge-litert package is installed, else TensorFlow's tf.lite.Interpreter (deprecated
+    in its favour, its warning hidden), which reads the same files."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"\s*Warning: tf.lite.Interpreter is deprecated")
+            return tf.lite.Interpreter(model_path=path)
+    return Interpreter(model_path=path)
+
+
 def tflite_probabilities(path):
-    """uint8 images -> probabilities, by the TFLite file at `path` in TensorFlow's TFLite
-    interpreter (TensorFlow marks it deprecated in favour of the separate ai-edge-litert
-    package, which reads the same files). Its INFO line on creating the CPU delegate is held
-    back unless --verbose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"\s*Warning: tf.lite.Interpreter is deprecated")
-        interpreter = tf.lite.Interpreter(model_path=path)
+    """uint8 images -> probabilities, by the TFLite file at `path` (see `tflite_interpreter`). The
+    interpreter's INFO line on creating the CPU delegate is held back unless --verbose."""
+    interpreter = tflite_interpreter(path)
     input_index = interpreter.get_input_details()[0]["index"]
 
     def probabilities(images):
@@ -221,7 +227,7 @@ def main(argv=None):
     args = parse_args(argv)
     util.setup_logging()
     check_output(args.output)
-    prefix, config, shape, model = runs.restore_run(args.checkpoint, args.data_dir)
+    prefix, config, shape, model = runs.restore_run(args.checkpoint)
     formats = [name for name in FORMATS if name in args.format]
     with util.atomic_path(args.output, directory=True) as folder:
         files = export(model, shape, formats, folder)

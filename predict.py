@@ -54,9 +54,6 @@ def parse_args(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument("--batch_size", type=int, default=64,
                         help="images read and classified at a time (default: %(default)s)")
-    parser.add_argument("--data_dir", default=None,
-                        help="with --checkpoint: where the run's dataset lives, read only for runs "
-                             "whose config.json does not record their image shape and class names")
     util.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
@@ -91,7 +88,7 @@ def load_classifier(args):
     """(uint8 images -> probabilities, `runs.network_shape`, what was loaded)."""
     if args.model:
         return (*export.open_export(args.model), args.model)
-    prefix, _, shape, model = runs.restore_run(args.checkpoint, args.data_dir)
+    prefix, _, shape, model = runs.restore_run(args.checkpoint)
     serve = tf.function(export.serving_function(model), reduce_retracing=True)
     return lambda images: serve(tf.constant(images))["probabilities"].numpy(), shape, prefix
 

@@ -8,6 +8,8 @@ share these, so a run is restored and measured one way everywhere.
 """
 import json
 import os
+import shutil
+import tempfile
 import types
 
 import keras
@@ -84,14 +86,29 @@ def checkpoint_step(prefix):
     return int(prefix.rsplit("-", 1)[1])
 
 
+# The layout of a run directory's config.json and checkpoints. A run of another format is refused
+# in one line rather than read by guesswork.
+FORMAT_VERSION = 1
+
+
 def read_run_config(checkpoint_prefix):
-    """The config.json of the run that wrote `checkpoint_prefix`."""
-    path = os.path.join(os.path.dirname(checkpoint_prefix), "config.json")
+    """The config.json of the run that wrote `checkpoint_prefix`, which must be of this
+    repo's FORMAT_VERSION."""
+    run_dir = os.path.dirname(checkpoint_prefix)
+    path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise UsageError(f"{path} is missing — the checkpoint must sit in the run directory "
                          "trainer.py wrote it to")
     with open(path) as f:
-        return json.load(f)
+        config = json.load(f)
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        written_by = ("a newer version of this repo — update it" if (version or 0) > FORMAT_VERSION
+                      else "an earlier version of this repo — train a new run, or use that "
+                      "version to evaluate or export it")
+        raise UsageError(f"run {run_dir or '.'} has format version {version or 0} in its "
+                         f"config.json, not {FORMAT_VERSION}: it was written by {written_by}")
+    return config
 
 
 # <run>/progress.jsonl: one JSON object per training line the trainer logs, made for machines.
@@ -122,26 +139,143 @@ def last_progress(run_dir):
     return None
 
 
-def restore_run(checkpoint, data_dir=None):
+# Writing a run ------------------------------------------------------------------------------------
+
+SUMMARY_SPLITS = ("train", "test")
+RESULT_FILE = "result.json"
+
+
+class RunWriter:
+    """The run directory a training run writes: config.json, the `model-<step>` checkpoints of its
+    training `state` (a tf.train.Checkpoint), the TensorBoard summaries of train/ and test/, the
+    progress file, and result.json when it ends.
+
+    Opening it writes config.json and removes a result.json from an earlier end of the run, which
+    no longer holds. Only the chief writes the run directory: the other workers of a cluster save
+    their checkpoints (every worker takes part in saving) to a temporary directory and write no
+    summaries."""
+
+    def __init__(self, run_dir, config, state, chief):
+        self.run_dir = run_dir
+        self.chief = chief
+        self.made_run_dir = chief and not os.path.exists(run_dir)
+        if not chief:
+            directory = tempfile.mkdtemp(prefix="gn-worker-checkpoints-")
+            self.writers = {split: tf.summary.create_noop_writer() for split in SUMMARY_SPLITS}
+        else:
+            directory = run_dir
+            util.write_json(os.path.join(run_dir, "config.json"), vars(config))
+            stale_result = os.path.join(run_dir, RESULT_FILE)
+            if os.path.exists(stale_result):
+                os.remove(stale_result)
+            self.writers = {split: tf.summary.create_file_writer(os.path.join(run_dir, split))
+                            for split in SUMMARY_SPLITS}
+        self.manager = tf.train.CheckpointManager(state, directory, max_to_keep=None,
+                                                  checkpoint_name="model")
+
+    @property
+    def latest_checkpoint(self):
+        """The newest checkpoint this run directory holds, None before the first."""
+        return self.manager.latest_checkpoint
+
+    def save(self, step):
+        """Writes the training state as checkpoint `model-<step>`; returns its prefix."""
+        return self.manager.save(checkpoint_number=step)
+
+    def flush(self):
+        for writer in self.writers.values():
+            writer.flush()
+
+    def write_scalars(self, split, step, **scalars):
+        with self.writers[split].as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+
+    def write_images(self, name, images, step):
+        with self.writers["train"].as_default(step=step):
+            tf.summary.image(name, images, max_outputs=len(images))
+
+    def append_progress(self, **record):
+        """One training line of the progress file (the chief's only)."""
+        if self.chief:
+            append_progress(self.run_dir, **record)
+
+    def write_result(self, result):
+        util.write_json(os.path.join(self.run_dir, RESULT_FILE), result)
+
+    def close(self, finished):
+        """Closes the summary writers and removes a non-chief worker's temporary checkpoints. A
+        run that did not finish, in a run directory this process made, that holds no checkpoint
+        (it failed before it saved one) leaves no directory behind: there is nothing in it to
+        continue or evaluate."""
+        for writer in self.writers.values():
+            writer.close()
+        if not self.chief:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+        elif not finished and self.made_run_dir and self.latest_checkpoint is None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+# Continuing a run -------------------------------------------------------------------------------
+
+# Flags that define the network and the optimizer's state: a checkpoint only continues with the
+# same values.
+STATE_FLAGS = ("model", "norm_type", "groups", "channels_per_group", "weight_std", "optimizer")
+# Flags that define the random streams (input, dropout): their saved positions are used only when
+# these (and the number of workers) are unchanged.
+DATA_FLAGS = ("dataset", "batch_size", "seed", "augment")
+
+
+def checkpoint_to_continue(config):
+    """The checkpoint a training run of `config` starts from: the latest in --run_dir when that
+    directory holds some (the run continues in place), else --checkpoint's, else None."""
+    latest = config.run_dir and latest_checkpoint(config.run_dir)
+    if latest and config.checkpoint:
+        raise UsageError(f"--run_dir {config.run_dir} holds checkpoints already — drop "
+                         "--checkpoint to continue it, or pass a new --run_dir")
+    return latest or (config.checkpoint and resolve_checkpoint(config.checkpoint))
+
+
+def check_can_continue(config, prefix, source_config):
+    """A checkpoint continues only with the same network and optimizer state: the same model
+    flags and optimizer, and loss scaling on or off as before (mixed_float16 wraps the
+    optimizer). The batch size, the number of replicas and the accumulation may change: the
+    optimizer state does not depend on them. (A flag not passed is the run's own already:
+    train_flags.take_run_flags.)"""
+    changed = [f for f in STATE_FLAGS if source_config[f] != getattr(config, f)]
+    if (source_config["precision"] == "mixed_float16") != (config.precision == "mixed_float16"):
+        changed.append("precision")
+    if changed:
+        theirs = " ".join(f"--{f} {source_config[f]}" for f in changed)
+        ours = " ".join(f"--{f} {getattr(config, f)}" for f in changed)
+        raise UsageError(f"checkpoint {prefix} was trained with {theirs}, not {ours} — drop "
+                         f"{' '.join('--' + f for f in changed)} to continue with the run's own, "
+                         "or start a new run")
+
+
+def same_streams(config, workers, source_config):
+    """Whether a run continues its checkpoint's random streams (input position, dropout seeds):
+    only with the same data flags and number of workers."""
+    return (all(source_config[f] == getattr(config, f) for f in DATA_FLAGS)
+            and source_config["workers"] == workers)
+
+
+# The model of a run -------------------------------------------------------------------------------
+
+def restore_run(checkpoint):
     """(checkpoint prefix, config.json, what the network takes, the network with its weights)
-    for `--checkpoint` (a run directory or a checkpoint prefix). The input shape and class names
-    come from config.json; for runs whose config.json predates them, from the run's dataset (in
-    `data_dir`, default the run's own)."""
+    for `--checkpoint` (a run directory or a checkpoint prefix), from the run's config.json
+    alone."""
     prefix = resolve_checkpoint(checkpoint)
     config = read_run_config(prefix)
-    shape = network_shape(config, data_dir)
+    shape = network_shape(config)
     return prefix, config, shape, restore_model(prefix, config, shape)
 
 
-def network_shape(config, data_dir=None):
+def network_shape(config):
     """What the network of a run's config.json (or of an export's export.json) takes and tells
     apart, a namespace: image_shape, num_classes, class_names, and the central_fraction of an
     image's shorter side that its evaluation crop keeps."""
-    if "central_fraction" not in config:  # a config.json from before these were recorded
-        _, data = input_ops.load(config["dataset"], data_dir or config["data_dir"])
-        config = {**config, "image_shape": list(data.image_shape),
-                  "num_classes": data.num_classes, "class_names": list(data.class_names),
-                  "central_fraction": input_ops.central_fraction(data)}
     return types.SimpleNamespace(image_shape=tuple(config["image_shape"]),
                                  num_classes=config["num_classes"],
                                  class_names=list(config["class_names"]),
@@ -156,7 +290,7 @@ def restore_model(prefix, config, data, strategy=None):
         model = model_lib.build_model(config["model"], data.image_shape, data.num_classes,
                                       config["norm_type"], config["groups"],
                                       config["weight_std"], config["dropout"],
-                                      config.get("channels_per_group"))
+                                      config["channels_per_group"])
     restore_weights(model, prefix)
     return model
 

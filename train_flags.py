@@ -16,6 +16,14 @@ from util import UsageError
 
 DESCRIPTION = "Train a classifier with group or batch normalization at any batch size."
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
+# What a continued run takes from the run it continues unless the command line passes it: the
+# network, the data and how it is batched, the optimizer and its schedule, the precision.
+RUN_FLAGS = ("model", "norm_type", "groups", "channels_per_group", "weight_std", "dropout",
+             "zero_init_residual", "dataset", "data_dir", "augment", "seed", "batch_size",
+             "max_batch_size", "no_accumulate", "optimizer", "learning_rate", "lr_schedule",
+             "warmup_steps", "weight_decay", "precision")
+# Flags that size GN's groups together: passing one passes both.
+GROUP_SIZE_FLAGS = ("groups", "channels_per_group")
 MAX_SEED = 2**32 - 1  # the largest seed numpy and keras.utils.set_random_seed take
 
 
@@ -100,7 +108,9 @@ def build_parser(**options):
     logs.add_argument("--train_dir", default="./train_dir",
                       help="where run directories are made (default: %(default)s)")
     logs.add_argument("--checkpoint", default=None,
-                      help="continue from this checkpoint prefix, or a run directory's latest")
+                      help="continue from this checkpoint prefix, or a run directory's latest; "
+                           "the network, data, batching, optimizer and schedule flags not "
+                           "passed are the run's own")
     logs.add_argument("--run_dir", default=None,
                       help="train in this directory instead of a new one under --train_dir; if "
                            "it holds checkpoints, continue from its latest, so the same command "
@@ -125,6 +135,28 @@ def parse_args(argv=None):
         config.learning_rate = DEFAULT_LEARNING_RATE[config.optimizer]
     resolve_groups(vars(config))
     return config
+
+
+def given_flags(argv=None):
+    """The names of the flags `argv` (default: the command line) passes, by their settings'
+    names (--no_adjust_learning_rate gives no_accumulate)."""
+    parser = build_parser()
+    not_given = object()  # a default no flag can give (argparse would parse a string default)
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), not_given))
+    given = {name for name, value in vars(parser.parse_args(argv)).items()
+             if value is not not_given}
+    return given | set(GROUP_SIZE_FLAGS) if given & set(GROUP_SIZE_FLAGS) else given
+
+
+def take_run_flags(config, given, run_config):
+    """Continuing a run: each of RUN_FLAGS that the command line did not pass (`given`, as
+    `given_flags` says) takes its value in `run_config`, the run's config.json. Returns those
+    that changed, {name: value}."""
+    taken = {name: run_config[name] for name in RUN_FLAGS
+             if name not in given and getattr(config, name) != run_config[name]}
+    for name, value in taken.items():
+        setattr(config, name, value)
+    return taken
 
 
 def resolve_groups(settings):
@@ -161,6 +193,14 @@ def check_flags(config, data):
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
         raise UsageError(f"--learning_rate must be a positive number, got "
                          f"{config.learning_rate}")
+
+
+def check_devices(config, replicas):
+    """One-line errors for flags that cannot work on this many replicas."""
+    if config.jit_compile and config.norm_type == "sync_batch" and replicas > 1:
+        raise UsageError("--jit_compile cannot compile sync_batch's all-reduce of the "
+                         "statistics within a replica's pass — drop --jit_compile, or use "
+                         "--norm_type batch or group")
 
 
 def check_zero_init(config):

@@ -59,7 +59,7 @@ import input_ops  # noqa: E402
 import model as model_lib  # noqa: E402
 import ops  # noqa: E402
 import train_flags  # noqa: E402
-import trainer  # noqa: E402
+import updates  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
 from kernels import optimizers  # noqa: E402
 
@@ -384,13 +384,13 @@ SCALE_SETUPS = {"1 device": (["--batch_size", "32"], False),
 
 
 def scale_step(model_name, norm_type, flags, strategy, data):
-    """trainer.Trainer's train_step (input, passes, all-reduce, update) on `data`."""
+    """updates.Updater's train_step (input, passes, all-reduce, update) on `data`."""
     config = train_flags.parse_args(["--model", model_name, "--norm_type", norm_type,
                                      "--groups", "8", "--max_batch_size", "32", *flags])
     config.augment = False
     distribution.set_precision(config.precision)
     try:
-        run = trainer.Trainer(config, data, None, strategy)
+        run = updates.Updater(config, data, strategy)
     finally:
         distribution.set_precision("float32")
     return lambda: run.train_step()  # which holds the trainer (a traced method does not)

@@ -17,9 +17,11 @@ import pytest
 import tensorflow as tf
 
 import evaler
+import input_ops
 import train_flags
 import ops
 import trainer
+import updates
 from test_train_eval import REPO, checkpoint_values, cli_error, wait_for_text
 
 # 3 updates of 8 examples on the sample, no dropout or augmentation: the runs below differ only
@@ -291,7 +293,7 @@ def test_devices_are_refused_where_there_are_gpus(monkeypatch, capsys):
 def test_jit_compile_trains_like_the_plain_graph(monkeypatch):
     """--jit_compile: each replica's pass compiled by XLA (GN on its TensorFlow-op kernels) gives
     the plain graph's losses to float32 rounding."""
-    _, data = trainer.input_ops.load("sample", "./datasets")
+    _, data = input_ops.load("sample", "./datasets")
     in_xla = []
     original = ops._in_xla_function
     monkeypatch.setattr(ops, "_in_xla_function", lambda: in_xla.append(original()) or in_xla[-1])
@@ -301,7 +303,7 @@ def test_jit_compile_trains_like_the_plain_graph(monkeypatch):
                                     + (["--jit_compile"] if jit_compile else []))
         config.augment = False
         keras.utils.set_random_seed(0)
-        run = trainer.Trainer(config, data, run_dir=None)
+        run = updates.Updater(config, data)
         losses[jit_compile] = [float(run.train_step()[0]) for _ in range(3)]
         assert any(in_xla) == jit_compile  # GN saw an XLA-compiled function only with the flag
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

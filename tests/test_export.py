@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import imageio.v3 as iio
 import keras
@@ -110,6 +111,29 @@ def test_tflite_matches_the_checkpoint(norm_type, exported, sample):
     np.testing.assert_allclose(outputs["probabilities"], expected, rtol=0, atol=1e-4)
 
 
+def test_litert_reads_the_tflite_file_where_installed(exported, sample):
+    """With the ai-edge-litert package, export.py and predict.py read model.tflite with LiteRT's
+    interpreter, TensorFlow's recommendation."""
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    run_dir, export_dir = exported["group"]
+    path = os.path.join(export_dir, "model.tflite")
+    assert isinstance(export.tflite_interpreter(path), litert.Interpreter)
+    np.testing.assert_allclose(export.tflite_probabilities(path)(sample.test_images),
+                               checkpoint_probabilities(run_dir, sample.test_images),
+                               rtol=0, atol=1e-4)
+
+
+def test_tensorflows_interpreter_without_litert_and_without_its_warning(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        interpreter = export.tflite_interpreter(
+            os.path.join(exported["group"][1], "model.tflite"))
+    assert isinstance(interpreter, tf.lite.Interpreter)
+    assert not [w for w in caught if "deprecated" in str(w.message)], caught
+
+
 def test_keras_file_is_the_network(exported, sample):
     run_dir, export_dir = exported["group"]
     network = keras.saving.load_model(os.path.join(export_dir, "model.keras"))
@@ -140,13 +164,14 @@ def test_export_directory(exported, sample):
                                      ["saved_model", "tflite"], ["saved_model", "keras"],
                                      ["tflite", "keras"]])
 def test_each_set_of_formats_writes_those_alone_and_needs_no_dataset(formats, exported, tmp_path,
-                                                                     capsys):
+                                                                     capsys, monkeypatch):
     """--format writes the files asked for alone (a SavedModel written only to convert to TFLite
     is removed), and the run's config.json, not its dataset, tells the image shape and class
     names."""
     run_dir, _ = exported["group"]
+    monkeypatch.setattr(input_ops, "load", lambda *args: pytest.fail("the dataset was read"))
     export.main(["--checkpoint", run_dir, "--output", str(tmp_path / "out"), "--format",
-                 *formats, "--data_dir", str(tmp_path / "no_data_here")])
+                 *formats])
     files = {"saved_model": "saved_model", "tflite": "model.tflite", "keras": "model.keras"}
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
         ["export.json", "labels.txt", *(files[name] for name in formats)])

@@ -10,25 +10,26 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import input_ops
 import kernels
 import train_flags
-import trainer
+import updates
 from kernels import conv as conv_kernels
 from kernels import group_norm as gn_compute
 from kernels import optimizers
 
-SAMPLE = trainer.input_ops.load("sample", "./datasets")[1]
+SAMPLE = input_ops.load("sample", "./datasets")[1]
 
 
-def weights_after(updates, *extra):
-    """The conv net's weights after `updates` updates of 32 examples (batches of 16) on the
+def weights_after(count, *extra):
+    """The conv net's weights after `count` updates of 32 examples (batches of 16) on the
     sample, no dropout: the same examples whatever the kernels."""
     config = train_flags.parse_args(["--batch_size", "16", "--max_batch_size", "32",
                                      "--dropout", "0", "--max_training_step", "10", *extra])
     config.model, config.augment = "conv", False
     tf.keras.utils.set_random_seed(0)
-    run = trainer.Trainer(config, SAMPLE, run_dir=None)
-    for _ in range(updates):
+    run = updates.Updater(config, SAMPLE)
+    for _ in range(count):
         run.train_step()
     return [v.numpy() for v in run.model.weights]
 

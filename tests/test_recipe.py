@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import input_ops
 import train_flags
 import model as model_lib
 import ops
 import schedules
 import trainer
+import updates
 from test_train_eval import cli_error, train
 
-SAMPLE = trainer.input_ops.load("sample", "./datasets")[1]
+SAMPLE = input_ops.load("sample", "./datasets")[1]
 
 
 # --zero_init_residual ---------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def first_update(*extra):
                                      "--dropout", "0", "--max_training_step", "10", *extra])
     config.model, config.augment = "conv", False
     tf.keras.utils.set_random_seed(0)
-    run = trainer.Trainer(config, SAMPLE, run_dir=None)
+    run = updates.Updater(config, SAMPLE)
     before = [v.numpy() for v in run.model.trainable_variables]
     run.train_step()
     return before, [v.numpy() for v in run.model.trainable_variables]

@@ -15,9 +15,12 @@ import pytest
 import tensorflow as tf
 
 import evaler
+import export
+import input_ops
 import train_flags
 import runs
 import trainer
+import updates
 import util
 from datasets import hdf5_format, registry
 from test_data import write_per_id
@@ -81,7 +84,7 @@ def checkpoint_values(prefix):
 @contextlib.contextmanager
 def ctrl_c_after_step(stop_step, monkeypatch):
     """Within the block, the trainer is interrupted (as by Ctrl-C) once it reaches `stop_step`."""
-    original_step = trainer.Trainer.train_step
+    original_step = updates.Updater.train_step
 
     def interrupted(self):
         result = original_step(self)
@@ -90,7 +93,7 @@ def ctrl_c_after_step(stop_step, monkeypatch):
         return result
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.Trainer, "train_step", interrupted)
+        patch.setattr(updates.Updater, "train_step", interrupted)
         yield
 
 
@@ -191,7 +194,9 @@ def test_ctrl_c_saves_and_continuing_equals_training_straight_through(tmp_path, 
 def test_checkpoint_of_another_model_is_refused(batch_norm_run, tmp_path, capsys):
     error = cli_error(trainer.main, [*TINY, "--checkpoint", batch_norm_run, "--norm_type",
                                      "group", "--train_dir", str(tmp_path)], capsys)
-    assert "was trained with --norm_type batch, not --norm_type group" in error
+    assert error == (f"error: checkpoint {batch_norm_run}/model-6 was trained with --norm_type "
+                     "batch, not --norm_type group — drop --norm_type to continue with the "
+                     "run's own, or start a new run")
 
 
 def test_checkpoint_of_another_optimizer_is_refused(batch_norm_run, tmp_path, capsys):
@@ -260,14 +265,14 @@ def test_console_shows_only_our_lines_and_verbose_shows_tensorflows(tmp_path):
 def test_group_norm_accumulated_small_batches_equal_one_large_batch():
     """GN ignores the batch, so 4 accumulated batches of 2 make the same updates as one batch of
     8 (no dropout; the input stream yields the same 8 examples in both cases)."""
-    _, data = trainer.input_ops.load("sample", "./datasets")
+    _, data = input_ops.load("sample", "./datasets")
     weights, losses = {}, {}
     for batch_size in (8, 2):
         config = train_flags.parse_args(["--batch_size", str(batch_size), "--max_batch_size", "8",
                                      "--dropout", "0", "--max_training_step", "3"])
         config.model, config.augment = "conv", False
         tf.keras.utils.set_random_seed(0)
-        run = trainer.Trainer(config, data, run_dir=None)
+        run = updates.Updater(config, data)
         losses[batch_size] = [float(run.train_step()[0]) for _ in range(3)]
         assert run.step == 3
         weights[batch_size] = [v.numpy() for v in run.model.trainable_variables]
@@ -279,7 +284,7 @@ def test_group_norm_accumulated_small_batches_equal_one_large_batch():
 @pytest.mark.parametrize("flag", ["--no_accumulate", "--no_adjust_learning_rate"])
 def test_no_accumulate_and_its_2018_name_make_one_update_per_batch(flag):
     config = train_flags.parse_args(["--batch_size", "8", "--max_batch_size", "64", flag])
-    assert config.no_accumulate and trainer.passes_per_update(config, replicas=1) == 1
+    assert config.no_accumulate and updates.passes_per_update(config, replicas=1) == 1
 
 
 @pytest.mark.parametrize("layout", ["splits", "per_id_2018"])
@@ -303,6 +308,23 @@ def test_own_dataset_trains_by_name(layout, tmp_path, capsys):
     assert np.array(result["confusion_matrix"]).sum() == (10 if layout == "splits" else 4)
 
 
+def test_continuing_takes_the_flags_the_command_line_leaves_out_from_the_run(batch_norm_run,
+                                                                            tmp_path):
+    """A BN run continued with only --checkpoint and a longer --max_training_step: the network,
+    batching and optimizer are the run's, said in one line."""
+    result = run_script("trainer.py", "--checkpoint", batch_norm_run, "--max_training_step", "8",
+                        "--train_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert ("continuing with the run's own --model conv --norm_type batch --no-augment "
+            "--batch_size 16 --max_batch_size 32\n" in result.stderr)
+    assert "done: step 8" in result.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "*"))
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    assert (config["norm_type"], config["batch_size"], config["max_batch_size"]) == \
+        ("batch", 16, 32)
+
+
 def test_checkpoint_continues_with_other_accumulation(batch_norm_run, tmp_path):
     """The optimizer state does not depend on how an update's examples are split into passes."""
     run_dir = train(tmp_path, "--checkpoint", batch_norm_run, "--norm_type", "batch",
@@ -312,19 +334,35 @@ def test_checkpoint_continues_with_other_accumulation(batch_norm_run, tmp_path):
     assert result["step"] == 8 and result["config"]["accumulation_steps"] == 4
 
 
-def test_checkpoint_of_a_run_that_counted_batches_as_steps_is_refused(batch_norm_run, tmp_path,
-                                                                      capsys):
-    """Runs from before config.json had "replicas" let Keras accumulate, which counted every
-    accumulated batch as an optimizer step."""
-    old_run = str(tmp_path / "old_run")
-    shutil.copytree(batch_norm_run, old_run)
-    with open(os.path.join(old_run, "config.json")) as f:
+def run_of_format(batch_norm_run, tmp_path, version):
+    """A copy of `batch_norm_run` whose config.json says format `version` (None: says none, as
+    before there was one)."""
+    run_dir = str(tmp_path / f"format_{version}")
+    shutil.copytree(batch_norm_run, run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
-    del config["replicas"]
-    util.write_json(os.path.join(old_run, "config.json"), config)
-    error = cli_error(trainer.main, [*TINY, "--checkpoint", old_run, "--norm_type", "batch",
-                                     "--train_dir", str(tmp_path)], capsys)
-    assert "counted each of its 2 accumulated batches as a step and cannot be continued" in error
+    assert config.pop("format_version") == runs.FORMAT_VERSION
+    if version is not None:
+        config["format_version"] = version
+    util.write_json(os.path.join(run_dir, "config.json"), config)
+    return run_dir
+
+
+@pytest.mark.parametrize("version, written_by", [
+    (None, "an earlier version of this repo — train a new run"),
+    (runs.FORMAT_VERSION + 1, "a newer version of this repo — update it")])
+def test_a_run_of_another_format_is_refused_by_every_reader(batch_norm_run, tmp_path, capsys,
+                                                            version, written_by):
+    run_dir = run_of_format(batch_norm_run, tmp_path, version)
+    expected = (f"error: run {run_dir} has format version {version or 0} in its config.json, "
+                f"not {runs.FORMAT_VERSION}: it was written by {written_by}")
+    continued = cli_error(trainer.main, [*TINY, "--checkpoint", run_dir, "--norm_type", "batch",
+                                         "--train_dir", str(tmp_path)], capsys)
+    evaluated = cli_error(evaler.main, ["--checkpoint", run_dir], capsys)
+    exported = cli_error(export.main, ["--checkpoint", run_dir, "--output",
+                                       str(tmp_path / "export")], capsys)
+    assert all(line.startswith(expected) for line in (continued, evaluated, exported))
+    assert not os.path.exists(tmp_path / "export")
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
