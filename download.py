@@ -6,9 +6,11 @@
     python download.py --from_folder my_images --name Flowers
 
 Every raw file is checked against its published checksum before it is used. A dataset whose
-data.hdf5 already records those checksums is skipped.
+data.hdf5 already records those checksums is skipped. The Fashion-MNIST files of the second
+command come offline from Debian's package: apt-get install dataset-fashion-mnist.
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -25,6 +27,8 @@ CONVERTERS = {
     "TinyImageNet": converters.convert_tinyimagenet,
 }
 DOWNLOADABLE = (*CONVERTERS, "ImageNet")
+# Folders where a Debian package installs a dataset's raw files (for --source): the package.
+DEBIAN_SOURCES = {"/usr/share/datasets/fashion-mnist": "dataset-fashion-mnist"}
 
 
 def parse_args(argv=None):
@@ -97,13 +101,18 @@ def prepare(spec, args):
         return
     util.check_writable_directory(args.data_dir, "--data_dir")
     start = time.time()
-    paths, provenance = fetch.obtain(files, spec.mirrors, os.path.join(folder, "raw"),
+    paths, provenance = fetch.obtain(files, spec.mirrors, raw_folder(spec, args.data_dir),
                                      args.source, verify=not args.no_verify)
     splits, class_names = CONVERTERS[spec.name](paths, args)
     write(out, splits, class_names, {**provenance, **options})
     log.info("%s: wrote %s (%d train, %d test images of %s) in %.1f s", spec.name, out,
              len(splits["train"][1]), len(splits["test"][1]),
              "x".join(map(str, splits["train"][0].shape[1:])), time.time() - start)
+
+
+def raw_folder(spec, data_dir):
+    """Where downloaded raw files are kept, so that the next run need not fetch them again."""
+    return os.path.join(registry.data_folder(spec, data_dir), "raw")
 
 
 def write(out, splits, class_names, provenance):
@@ -135,19 +144,54 @@ def convert_folder(args):
              "x".join(map(str, splits["train"][0].shape[1:])), len(class_names), args.name)
 
 
+def check_source(source):
+    """A one-line error when --source is not a folder; for the folder a Debian package installs,
+    it names the package."""
+    if os.path.isdir(source):
+        return
+    package = DEBIAN_SOURCES.get(os.path.abspath(source))
+    if package:
+        raise UsageError(f"--source {source} is not a folder — install Debian's package that "
+                         f"puts the files there: apt-get install {package} (with sudo if you are "
+                         "not root), or drop --source to download them")
+    raise UsageError(f"--source {source} is not a folder — pass the folder that holds the raw "
+                     "files, or drop --source to download them")
+
+
+@contextlib.contextmanager
+def no_new_empty_folders(folder):
+    """If the block fails, removes the folders on the way to `folder` that did not exist before
+    it and are empty after it (an empty <data_dir>/<name>/raw/ of a failed download); raw files
+    that were downloaded and verified stay, for the next run."""
+    missing = []  # deepest first
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    try:
+        yield
+    except BaseException:
+        for path in missing:
+            with contextlib.suppress(OSError):  # not made, or not empty
+                os.rmdir(path)
+        raise
+
+
 def main(argv=None):
     args = parse_args(argv)
     util.setup_logging()
-    if args.source and not os.path.isdir(args.source):
-        raise UsageError(f"--source {args.source} is not a folder")
+    if args.source:
+        check_source(args.source)
     if args.from_folder:
-        convert_folder(args)
+        with no_new_empty_folders(os.path.join(args.data_dir, args.name)):
+            convert_folder(args)
         return
     for spec in specs_for(args.datasets):
-        if spec.streamed:
-            prepare_imagenet(spec, args)
-        else:
-            prepare(spec, args)
+        with no_new_empty_folders(raw_folder(spec, args.data_dir)):
+            if spec.streamed:
+                prepare_imagenet(spec, args)
+            else:
+                prepare(spec, args)
 
 
 if __name__ == "__main__":

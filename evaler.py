@@ -2,11 +2,14 @@
 
     python evaler.py --checkpoint train_dir/<run>              # the run's latest checkpoint
     python evaler.py --checkpoint train_dir/<run>/model-400    # one checkpoint
-    python evaler.py --checkpoint train_dir/<run> --all        # every checkpoint, into TensorBoard
+    python evaler.py --checkpoint train_dir/<run> --all        # a line per checkpoint, TensorBoard
     python evaler.py --checkpoint train_dir/<run> --precise_bn 200   # BN with precise statistics
     python evaler.py --checkpoint train_dir/<run> --devices 2        # batches split over 2 replicas
 
 The network and dataset are read from the run's config.json, so no training flag is repeated.
+One checkpoint gets its loss, top-1 accuracy, per-class accuracy and confusion matrix; --all prints
+one line per checkpoint (step, loss, accuracy) at the end, and the per-class details of each with
+--verbose or --json.
 """
 import sys
 
@@ -19,6 +22,7 @@ import json
 import os
 
 import tensorflow as tf
+from tqdm import tqdm
 
 import distribution
 import input_ops
@@ -32,8 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True,
                         help="a run directory (its latest checkpoint) or a checkpoint prefix")
     parser.add_argument("--all", action="store_true",
-                        help="evaluate every checkpoint of the run and write the test metrics "
-                             "to TensorBoard (<run>/eval) at their steps")
+                        help="evaluate every checkpoint of the run, print a table of their "
+                             "steps, losses and accuracies, and write the test metrics to "
+                             "TensorBoard (<run>/eval) at their steps")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument("--data_dir", default=None,
                         help="where the dataset lives (default: the run's --data_dir)")
@@ -44,7 +49,9 @@ def parse_args(argv=None):
                              "statistics over K training batches of the run's --batch_size "
                              "(the checkpoint is not changed; no effect without BN layers)")
     distribution.add_flags(parser)
-    util.add_verbose_flag(parser)
+    parser.add_argument(util.VERBOSE_FLAG, action="store_true",
+                        help="print TensorFlow's own log lines, hidden by default, and with "
+                             "--all each checkpoint's per-class accuracy and confusion matrix")
     return parser.parse_args(argv)
 
 
@@ -65,11 +72,14 @@ def checkpoints_to_evaluate(path, every):
     return readable
 
 
+def precise_bn_note(result):
+    return (f" (BN: precise statistics over {result['precise_bn']} batches)"
+            if result["precise_bn"] else "")
+
+
 def print_report(result):
-    statistics = (f" (BN: precise statistics over {result['precise_bn']} batches)"
-                  if result["precise_bn"] else "")
     print(f"{result['checkpoint']} (step {result['step']}): test loss {result['loss']:.4f}, "
-          f"top-1 accuracy {100 * result['accuracy']:.2f}%{statistics}")
+          f"top-1 accuracy {100 * result['accuracy']:.2f}%{precise_bn_note(result)}")
     names = list(result["per_class_accuracy"])
     width = max(len(name) for name in names)
     print("per-class accuracy:")
@@ -79,6 +89,16 @@ def print_report(result):
     print("  " + " " * width + "".join(f"{i:>6d}" for i in range(len(names))))
     for i, (name, row) in enumerate(zip(names, result["confusion_matrix"])):
         print(f"  {name:>{width}}" + "".join(f"{count:>6d}" for count in row) + f"   ({i})")
+
+
+def print_table(run_dir, results):
+    """--all: one line per checkpoint, oldest first."""
+    print(f"{run_dir}, every checkpoint on the full test set{precise_bn_note(results[-1])}:")
+    width = max(len("step"), *(len(str(result["step"])) for result in results))
+    print(f"  {'step':>{width}}  {'loss':>7}  {'top-1':>7}")
+    for result in results:
+        print(f"  {result['step']:>{width}}  {result['loss']:7.4f}  "
+              f"{100 * result['accuracy']:6.2f}%")
 
 
 def write_summaries(run_dir, results):
@@ -104,7 +124,9 @@ def main(argv=None):
     _, data = input_ops.load(config["dataset"], args.data_dir or config["data_dir"])
     dataset = input_ops.eval_dataset(data, args.batch_size)
     results = []
-    for prefix in prefixes:
+    progress_bar = args.all and not args.verbose  # on a terminal; not between printed reports
+    for prefix in tqdm(prefixes, desc="evaluating", unit="checkpoint", leave=False,
+                       disable=None if progress_bar else True):
         model = runs.restore_model(prefix, config, data, strategy)
         precise = args.precise_bn and runs.precise_batch_norm(model, config, data,
                                                                 args.precise_bn)
@@ -112,13 +134,16 @@ def main(argv=None):
                                    *runs.evaluate(model, dataset, data.num_classes, strategy),
                                    data.class_names))
         results[-1]["precise_bn"] = args.precise_bn if precise else 0
-        if not args.json:
+        if not args.json and (args.verbose or not args.all):
             print_report(results[-1])
+    run_dir = os.path.dirname(prefixes[-1])
     if args.all and distribution.is_chief(strategy):  # one writer in a multi-worker cluster
-        write_summaries(os.path.dirname(prefixes[-1]), results)
+        write_summaries(run_dir, results)
     if args.json:
         print(json.dumps(results[-1] if len(results) == 1 and not args.all
                          else {"checkpoints": results}))
+    elif args.all:
+        print_table(run_dir, results)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def test_from_folder_errors(tmp_path, damage, message):
         os.makedirs(root / "test" / "bird")
     with pytest.raises(UsageError, match=message):
         download.main(["--from_folder", str(root), "--name", "x", "--data_dir", str(tmp_path)])
-    assert not (tmp_path / "x").exists() or os.listdir(tmp_path / "x") == []
+    assert not (tmp_path / "x").exists()
 
 
 # Verification, skipping and redoing -------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_checksum_mismatch_is_refused_and_nothing_written(tmp_path, monkeypatch)
     with pytest.raises(UsageError, match=r"t10k-labels-idx1-ubyte.gz: sha256 of its decompressed "
                                          r"content is [0-9a-f]{64}, not the published"):
         convert(tmp_path, "MNIST", verify=True)
-    assert not (tmp_path / "data").exists() or not os.path.exists(data_file(tmp_path, "MNIST"))
+    assert not (tmp_path / "data").exists()
 
 
 def test_published_checksums_refuse_generated_files(tmp_path):
@@ -264,6 +264,26 @@ def test_missing_source_file(tmp_path):
     os.makedirs(tmp_path / "raw")
     with pytest.raises(UsageError, match="train_32x32.mat not found in --source"):
         convert(tmp_path, "SVHN")
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_debian_folder_says_which_package_to_install(tmp_path):
+    """Run as a command, with the folder Debian's dataset-fashion-mnist installs moved to a path
+    that does not exist (on a machine with the package, the real one does)."""
+    debian_dir = str(tmp_path / "usr" / "share" / "datasets" / "fashion-mnist")
+    script = ("import sys, download, util; download.DEBIAN_SOURCES = "
+              "{sys.argv[1]: 'dataset-fashion-mnist'}; util.run_cli(lambda: "
+              "download.main(sys.argv[2:]))")
+    result = subprocess.run([sys.executable, "-c", script, debian_dir, "--dataset", "Fashion",
+                             "--source", debian_dir + "/", "--data_dir", str(tmp_path / "data")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --source {debian_dir}/ is not a folder — install Debian's package that puts the "
+        "files there: apt-get install dataset-fashion-mnist (with sudo if you are not root), or "
+        "drop --source to download them"]
+    assert not (tmp_path / "data").exists()
+    assert download.DEBIAN_SOURCES[FASHION_DIR] == "dataset-fashion-mnist"
 
 
 # Downloads --------------------------------------------------------------------------------------
@@ -308,7 +328,7 @@ def test_download_verifies_caches_and_retries_an_interrupted_file(tmp_path, monk
     with pytest.raises(UsageError, match=r"cannot download cifar-10-python.tar.gz from "
                                          r".*connection closed after .* — .* --source DIR"):
         download.main(argv)
-    assert not raw_dir.exists() or os.listdir(raw_dir) == []
+    assert not (tmp_path / "data").exists()
 
     _Server.cut_short = False
     download.main(argv)
@@ -321,14 +341,35 @@ def test_corrupt_download_is_not_kept(tmp_path, monkeypatch, mirror):
     use_mirror(monkeypatch, "CIFAR10", mirror)  # published checksum: the generated file differs
     with pytest.raises(UsageError, match="the download of cifar-10-python.tar.gz: sha256"):
         download.main(["--dataset", "CIFAR10", "--data_dir", str(tmp_path / "data")])
-    assert os.listdir(tmp_path / "data" / "cifar10" / "raw") == []
+    assert not (tmp_path / "data").exists()
 
 
-def test_unreachable_host_says_to_use_source(tmp_path, monkeypatch):
+def test_unreachable_host_says_to_use_source_and_leaves_nothing(tmp_path, monkeypatch):
     use_mirror(monkeypatch, "MNIST", "http://127.0.0.1:9/")
+    (tmp_path / "data" / "fashion").mkdir(parents=True)  # folders made before stay
     with pytest.raises(UsageError, match=r"cannot download train-images-idx3-ubyte.gz from "
                                          r"http://127.0.0.1:9/.* pass its folder with --source"):
-        download.main(["--dataset", "MNIST", "--data_dir", str(tmp_path)])
+        download.main(["--dataset", "MNIST", "--data_dir", str(tmp_path / "data")])
+    assert os.listdir(tmp_path / "data") == ["fashion"]
+
+
+def test_failed_download_keeps_only_the_files_already_verified(tmp_path, monkeypatch, mirror):
+    """The mirror lacks the second file: the first, complete and verified, stays in raw/ for the
+    next run, which downloads the rest."""
+    raw_formats.write_mnist_like(tmp_path / "published")
+    register_generated_checksums(monkeypatch, "MNIST", tmp_path / "published")
+    use_mirror(monkeypatch, "MNIST", mirror)
+    labels = tmp_path / "published" / "train-labels-idx1-ubyte.gz"
+    os.rename(labels, tmp_path / "elsewhere.gz")
+    argv = ["--dataset", "MNIST", "--data_dir", str(tmp_path / "data")]
+    with pytest.raises(UsageError, match="cannot download train-labels-idx1-ubyte.gz"):
+        download.main(argv)
+    assert os.listdir(tmp_path / "data") == ["mnist"]
+    assert os.listdir(tmp_path / "data" / "mnist") == ["raw"]
+    assert os.listdir(tmp_path / "data" / "mnist" / "raw") == ["train-images-idx3-ubyte.gz"]
+    os.rename(tmp_path / "elsewhere.gz", labels)
+    download.main(argv)
+    assert hdf5_format.read_dataset(data_file(tmp_path, "MNIST"), None).num_train == 12
 
 
 # Safety -----------------------------------------------------------------------------------------
@@ -420,7 +461,7 @@ def test_disk_full_leaves_no_half_file(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: no space left while writing {tmp_path / 'data' / 'big' / 'data.hdf5'}")
-    assert os.listdir(tmp_path / "data" / "big") == []
+    assert not (tmp_path / "data").exists()
 
 
 # Real data --------------------------------------------------------------------------------------
