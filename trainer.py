@@ -112,7 +112,9 @@ class Trainer:
         config = self.config
         self.started, self.seconds_before = time.time(), float(self.clock.numpy())
         self.write_input_images()
-        window = []  # (loss, accuracy, seconds) since the last log line
+        # (loss, accuracy, seconds) of each update since the last log line, and since the last
+        # TensorBoard point: both show means over their window under the same names.
+        windows = {"log": [], "summary": []}
         try:
             while self.step < config.max_training_step:
                 if sigterm.is_set():
@@ -127,16 +129,16 @@ class Trainer:
                         log.info("another worker was sent SIGTERM: every worker stops here")
                     raise util.Terminated()
                 self.first_update_done = self.first_update_done or time.time()
-                window.append((loss, accuracy, time.time() - start))
+                for window in windows.values():
+                    window.append((loss, accuracy, time.time() - start))
                 step = self.step
                 self.check_finite(step, loss, gradient_norm)
                 if step % config.write_summary_step == 0:
-                    self.run.write_scalars(
-                        "train", step, loss=loss, accuracy=accuracy, learning_rate=learning_rate,
-                        images_per_sec=self.updater.examples_per_update / window[-1][2])
+                    self.write_train_scalars(step, windows["summary"], loss, learning_rate)
+                    windows["summary"] = []
                 if step % config.log_step == 0:
-                    self.log_window(step, window)
-                    window = []
+                    self.log_window(step, windows["log"])
+                    windows["log"] = []
                 if step % config.test_sample_step == 0:
                     self.test_sample(step)
                 if step % config.ckpt_save_step == 0:
@@ -194,6 +196,15 @@ class Trainer:
                  self.updater.examples_per_update / seconds)
         self.run.append_progress(step=step, loss=float(loss), accuracy=float(accuracy),
                                  seconds=round(self.seconds, 3))
+
+    def write_train_scalars(self, step, window, update_loss, learning_rate):
+        """TensorBoard's training scalars: loss and accuracy as on the console, means over the
+        updates since the last point; update_loss, the last update's alone; the last update's
+        learning rate; images per second over the window."""
+        loss, accuracy, seconds = np.mean(window, axis=0)
+        self.run.write_scalars("train", step, loss=loss, accuracy=accuracy,
+                               update_loss=update_loss, learning_rate=learning_rate,
+                               images_per_sec=self.updater.examples_per_update / seconds)
 
     def test_sample(self, step):
         """The loss and accuracy of one batch of the test set, logged and written."""

@@ -117,8 +117,16 @@ def test_run_directory_config_and_checkpoints(batch_norm_run):
 
 def test_tensorboard_scalars(batch_norm_run):
     train_events = read_events(os.path.join(batch_norm_run, "train"))
-    for tag in ("loss", "accuracy", "learning_rate", "images_per_sec"):
+    for tag in ("loss", "update_loss", "accuracy", "learning_rate", "images_per_sec"):
         assert sorted(train_events[tag]) == [2, 4, 6], tag
+    # Every 2 steps, as the console's lines: TensorBoard's loss and accuracy are theirs.
+    with open(os.path.join(batch_norm_run, runs.PROGRESS_FILE)) as f:
+        logged = {record["step"]: record for record in map(json.loads, f)}
+    for step in (2, 4, 6):
+        assert train_events["loss"][step] == pytest.approx(logged[step]["loss"], rel=1e-6)
+        assert train_events["accuracy"][step] == pytest.approx(logged[step]["accuracy"],
+                                                               rel=1e-6)
+    assert train_events["update_loss"][2] != pytest.approx(train_events["loss"][2])
     assert all(0 <= v <= 1 for v in train_events["accuracy"].values())
     assert train_events["learning_rate"][2] > train_events["learning_rate"][6] > 0  # cosine decay
     assert train_events["input_images"][0].shape[0] >= 2  # encoded images
