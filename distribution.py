@@ -18,24 +18,8 @@ import os
 import keras
 import tensorflow as tf
 
+from choices import PRECISIONS, STRATEGIES  # the names the flags choose from
 from util import UsageError
-
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
-
-def add_flags(parser):
-    """--strategy and --devices, shared by trainer.py and evaler.py."""
-    group = parser.add_argument_group("devices")
-    group.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                       help="tf.distribute strategy: auto (mirrored over several GPUs or "
-                            "--devices, else default), default (one device), mirrored (all "
-                            "local devices), multi_worker (the workers of TF_CONFIG) "
-                            "(default: %(default)s)")
-    group.add_argument("--devices", type=int, default=1,
-                       help="split the CPU into this many logical devices, to run and test "
-                            "several replicas on a machine without GPUs (default: %(default)s)")
-    return group
 
 
 def make_strategy(name, devices=1):

@@ -11,23 +11,11 @@ One checkpoint gets its loss, top-1 accuracy, per-class accuracy and confusion m
 one line per checkpoint (step, loss, accuracy) at the end, and the per-class details of each with
 --verbose or --json.
 """
+import argparse
 import sys
 
+import train_flags
 import util
-
-util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
-
-import argparse
-import json
-import os
-
-import tensorflow as tf
-from tqdm import tqdm
-
-import distribution
-import input_ops
-import runs
-from util import UsageError
 
 
 def parse_args(argv=None):
@@ -48,11 +36,27 @@ def parse_args(argv=None):
                         help="before evaluating, replace BN's moving statistics by population "
                              "statistics over K training batches of the run's --batch_size "
                              "(the checkpoint is not changed; no effect without BN layers)")
-    distribution.add_flags(parser)
+    train_flags.add_device_flags(parser)
     parser.add_argument(util.VERBOSE_FLAG, action="store_true",
                         help="print TensorFlow's own log lines, hidden by default, and with "
                              "--all each checkpoint's per-class accuracy and confusion matrix")
     return parser.parse_args(argv)
+
+
+# --help and a mistyped flag answer before TensorFlow is imported, which takes seconds.
+util.check_flags_first(__name__, parse_args)
+util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
+
+import json
+import os
+
+import tensorflow as tf
+from tqdm import tqdm
+
+import distribution
+import input_ops
+import runs
+from util import UsageError
 
 
 def checkpoints_to_evaluate(path, every):

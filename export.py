@@ -24,13 +24,31 @@ GroupNorm, Conv2D and LeakyReLU are traced with plain TensorFlow ops (ops.plain_
 moving statistics. Before anything is written, every format is checked against the checkpoint's
 network on random images: the same top-1 class, probabilities within 1e-5 (1e-4 for TFLite).
 """
+import argparse
 import sys
 
 import util
 
+FORMATS = ("saved_model", "tflite", "keras")
+
+
+def parse_args(argv=None):
+    parser = util.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run directory (its latest checkpoint) or a checkpoint prefix")
+    parser.add_argument("--output", required=True,
+                        help="the directory to create for the export (must not exist)")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
+                        help="what to write (default: all of them)")
+    util.add_verbose_flag(parser)
+    return parser.parse_args(argv)
+
+
+# --help and a mistyped flag answer before TensorFlow is imported, which takes seconds.
+util.check_flags_first(__name__, parse_args)
 util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
 
-import argparse
 import contextlib
 import json
 import os
@@ -45,24 +63,10 @@ import ops
 import runs
 from util import UsageError, log
 
-FORMATS = ("saved_model", "tflite", "keras")
 TOLERANCE = {"saved_model": 1e-5, "tflite": 1e-4, "keras": 1e-5}
 CHECK_IMAGES = 8
 # What predict.py reads from export.json.
 EXPORT_KEYS = ("files", "image_shape", "num_classes", "class_names", "central_fraction")
-
-
-def parse_args(argv=None):
-    parser = util.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a run directory (its latest checkpoint) or a checkpoint prefix")
-    parser.add_argument("--output", required=True,
-                        help="the directory to create for the export (must not exist)")
-    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
-                        help="what to write (default: all of them)")
-    util.add_verbose_flag(parser)
-    return parser.parse_args(argv)
 
 
 def check_output(path):

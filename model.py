@@ -7,9 +7,7 @@ by its `--model` name.
 import keras
 
 import ops
-
-MODELS = ("conv", "resnet", "resnet20")
-RESIDUAL_MODELS = ("resnet", "resnet20")
+from choices import MODELS, RESIDUAL_MODELS  # the names the flags choose from
 
 
 def default_model(image_size):

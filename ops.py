@@ -26,14 +26,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from choices import DEFAULT_GROUPS, NORM_TYPES  # the names the flags choose from
 from kernels import conv as conv_kernels
 from kernels import group_norm as gn_compute
 from kernels.group_norm import cpp_kernels_usable, gpu_visible, switched_off
 # Looked up in this module when the layer runs, where tests can watch it.
 from kernels.group_norm import in_xla_function as _in_xla_function
-
-NORM_TYPES = ("batch", "sync_batch", "group", "layer", "instance", "none")
-DEFAULT_GROUPS = 32  # the paper's G
 
 
 _plain_ops = threading.local()

@@ -15,26 +15,10 @@ knows light garments on a black background.
 Prints the top-k classes with their probabilities per image, or with --json one object:
 {"model": ..., "predictions": [{"file": ..., "top_k": [{"class", "index", "probability"}]}]}.
 """
+import argparse
 import sys
 
 import util
-
-util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
-
-import argparse
-import json
-import os
-
-import imageio.v3 as iio
-import numpy as np
-import tensorflow as tf
-from tqdm import tqdm
-
-import export
-import runs
-from util import UsageError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 def parse_args(argv=None):
@@ -56,6 +40,25 @@ def parse_args(argv=None):
                         help="images read and classified at a time (default: %(default)s)")
     util.add_verbose_flag(parser)
     return parser.parse_args(argv)
+
+
+# --help and a mistyped flag answer before TensorFlow is imported, which takes seconds.
+util.check_flags_first(__name__, parse_args)
+util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
+
+import json
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+import export
+import runs
+from util import UsageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 def check_flags(args):

@@ -4,7 +4,8 @@ update)."""
 import keras
 import tensorflow as tf
 
-SCHEDULES = ("cosine", "step")
+from choices import SCHEDULES  # the names the flags choose from
+
 # The paper divides the learning rate by 10 at epochs 30, 60 and 90 of 100.
 STEP_FRACTIONS = (0.3, 0.6, 0.9)
 

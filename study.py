@@ -36,7 +36,9 @@ import time
 
 from tqdm import tqdm
 
+import choices
 import study_report
+import train_flags
 import util
 from util import TERMINATED_STATUS, UsageError
 
@@ -129,8 +131,6 @@ def check_trainer_flags(trainer_flags):
     """({flag destination: value} of the trainer settings `trainer_flags` change from
     trainer.py's defaults, every setting); one-line errors for flags trainer.py does not know or
     the study sets itself."""
-    import train_flags  # the trainer's flags (and TensorFlow); imported here so --help stays quick
-
     for name in flag_names(trainer_flags):
         if name in STUDY_MANAGED_FLAGS:
             raise UsageError(f"{name} is set by the study for each run — pass "
@@ -273,13 +273,10 @@ def extend_axis(values, more, numeric):
 
 
 def check_grid(study):
-    import train_flags
-    import ops
-
     for norm_type in study.norm_types:
-        if norm_type.removesuffix(WEIGHT_STD_SUFFIX) not in ops.NORM_TYPES:
+        if norm_type.removesuffix(WEIGHT_STD_SUFFIX) not in choices.NORM_TYPES:
             raise UsageError(f"--norm_types: unknown {norm_type!r}; choose from "
-                             f"{', '.join(ops.NORM_TYPES)}, each with or without "
+                             f"{', '.join(choices.NORM_TYPES)}, each with or without "
                              f"{WEIGHT_STD_SUFFIX}")
     for axis in ("batch_sizes", "group_counts", "channels_per_group_list"):
         values = getattr(study, axis)
@@ -311,8 +308,6 @@ def protocol_settings(study, batch_size, num_train):
     protocol = study.protocol
     if protocol["name"] != "paper":
         return {}
-    import train_flags
-
     settings = study.settings
     base_rate = (settings["learning_rate"] or
                  train_flags.DEFAULT_LEARNING_RATE[settings["optimizer"]])
@@ -555,11 +550,11 @@ def evaluate_precise_bn(study, num_batches, sigterm):
 
 def main(argv=None):
     args = parse_args(argv)
-    util.quiet_tensorflow(sys.argv[1:] if argv is None else argv)  # before train_flags imports it
     if args.jobs <= 0:
         raise UsageError(f"--jobs must be positive, got {args.jobs}")
     util.check_precise_bn_flag(args.precise_bn)
-    study = open_study(args)
+    study = open_study(args)  # every flag checked, before TensorFlow is imported (seconds)
+    util.quiet_tensorflow(sys.argv[1:] if argv is None else argv)  # before runs imports it
     study.save()
     pending = [cell for cell in study.cells() if not cell.finished()]
     planned = plan(study, pending)

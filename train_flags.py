@@ -6,10 +6,7 @@ update, without importing a command-line script.
 import argparse
 import math
 
-import distribution
-import model as model_lib
-import ops
-import schedules
+import choices
 import util
 from datasets import registry
 from util import UsageError
@@ -42,13 +39,13 @@ def build_parser(**options):
                       help="random crop + horizontal flip (default: on for CIFAR10, CIFAR100, "
                            "TinyImageNet and ImageNet, off for digits and clothes)")
     net = parser.add_argument_group("model")
-    net.add_argument("--model", choices=model_lib.MODELS, default=None,
+    net.add_argument("--model", choices=choices.MODELS, default=None,
                      help="network (default: conv for images up to 32 px, resnet above)")
-    net.add_argument("--norm_type", choices=ops.NORM_TYPES, default="group",
+    net.add_argument("--norm_type", choices=choices.NORM_TYPES, default="group",
                      help="normalization after each conv (default: %(default)s)")
     net.add_argument("--groups", type=int, default=None,
                      help=f"GN groups G; must divide every normalized layer's channels "
-                          f"(default: {ops.DEFAULT_GROUPS})")
+                          f"(default: {choices.DEFAULT_GROUPS})")
     net.add_argument("--channels_per_group", type=int, default=None, metavar="C",
                      help="instead of --groups: C channels in every GN group, so a layer of "
                           "width W has W / C groups (the paper's Table 3, lower half)")
@@ -73,7 +70,7 @@ def build_parser(**options):
                        help="adam, or SGD with momentum 0.9 (default: %(default)s)")
     learn.add_argument("--learning_rate", type=float, default=None,
                        help="peak learning rate (default: 1e-3 for adam, 0.1 for momentum)")
-    learn.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="cosine",
+    learn.add_argument("--lr_schedule", choices=choices.SCHEDULES, default="cosine",
                        help="cosine: decayed to 0 over max_training_step; step: divided by 10 at "
                             "30%%, 60%% and 90%% of max_training_step (the paper's epochs 30, 60 "
                             "and 90 of 100) (default: %(default)s)")
@@ -93,8 +90,8 @@ def build_parser(**options):
     learn.add_argument("--seed", type=int, default=0,
                        help="seed of initialization, shuffling, augmentation and dropout "
                             "(default: %(default)s)")
-    devices = distribution.add_flags(parser)
-    devices.add_argument("--precision", choices=distribution.PRECISIONS, default="float32",
+    devices = add_device_flags(parser)
+    devices.add_argument("--precision", choices=choices.PRECISIONS, default="float32",
                          help="Keras dtype policy: mixed_* compute in bfloat16 / float16 with "
                               "float32 variables, statistics and logits; mixed_float16 scales "
                               "the loss (default: %(default)s)")
@@ -127,6 +124,20 @@ def build_parser(**options):
                            "(default: %(default)s)")
     util.add_verbose_flag(logs)
     return parser
+
+
+def add_device_flags(parser):
+    """--strategy and --devices, shared by trainer.py and evaler.py; returns their group."""
+    group = parser.add_argument_group("devices")
+    group.add_argument("--strategy", choices=choices.STRATEGIES, default="auto",
+                       help="tf.distribute strategy: auto (mirrored over several GPUs or "
+                            "--devices, else default), default (one device), mirrored (all "
+                            "local devices), multi_worker (the workers of TF_CONFIG) "
+                            "(default: %(default)s)")
+    group.add_argument("--devices", type=int, default=1,
+                       help="split the CPU into this many logical devices, to run and test "
+                            "several replicas on a machine without GPUs (default: %(default)s)")
+    return group
 
 
 def parse_args(argv=None):
@@ -164,7 +175,7 @@ def resolve_groups(settings):
     a one-line error. `settings`: the parsed flags as a dict, changed in place."""
     if settings["channels_per_group"] is None:
         if settings["groups"] is None:
-            settings["groups"] = ops.DEFAULT_GROUPS
+            settings["groups"] = choices.DEFAULT_GROUPS
     elif settings["groups"] is not None:
         raise UsageError(f"--groups {settings['groups']} and --channels_per_group "
                          f"{settings['channels_per_group']} both size GN's groups — pass one of "
@@ -207,10 +218,10 @@ def check_zero_init(config):
     """--zero_init_residual needs residual blocks and a norm whose scale can start at 0."""
     if not config.zero_init_residual:
         return
-    if config.model not in model_lib.RESIDUAL_MODELS:
+    if config.model not in choices.RESIDUAL_MODELS:
         raise UsageError(f"--zero_init_residual starts each residual block's last norm at 0, and "
                          f"--model {config.model} has no residual blocks — use --model "
-                         f"{' or '.join(model_lib.RESIDUAL_MODELS)}, or drop the flag")
+                         f"{' or '.join(choices.RESIDUAL_MODELS)}, or drop the flag")
     if config.norm_type == "none":
         raise UsageError("--zero_init_residual starts the scale of a norm at 0, and --norm_type "
                          "none has none — pick a --norm_type, or drop the flag")

@@ -19,8 +19,10 @@ summaries, result.json) is `runs.RunWriter`; this file is the loop, its signals 
 """
 import sys
 
+import train_flags
 import util
 
+util.check_flags_first(__name__, train_flags.parse_args)
 util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
 
 import math

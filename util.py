@@ -21,8 +21,9 @@ def quiet_tensorflow(argv):
 
     While it is imported, TensorFlow prints INFO lines whatever the level (the CUDA stub's
     "Could not find cuda drivers", twice), so its stderr is held back during the import and shown
-    only if the import fails or the level lets INFO lines through. The CLIs call this first, with
-    sys.argv, before any module imports TensorFlow."""
+    only if the import fails or the level lets INFO lines through. The CLIs call this with
+    sys.argv once their flags are checked (`check_flags_first`), before any module imports
+    TensorFlow."""
     if VERBOSE_FLAG in argv:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -30,6 +31,15 @@ def quiet_tensorflow(argv):
         return
     with stderr_held_back():
         import tensorflow  # noqa: F401
+
+
+def check_flags_first(module_name, parse_args):
+    """Parses and checks a CLI's flags with `parse_args()` when `module_name` is "__main__" (the
+    script being run), before the script imports TensorFlow, which takes seconds: --help and a
+    mistyped flag answer at once. `parse_args` must not import TensorFlow; main() parses the
+    flags again, in no time."""
+    if module_name == "__main__":
+        run_cli(parse_args)
 
 
 @contextlib.contextmanager

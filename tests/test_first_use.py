@@ -126,3 +126,34 @@ def checkpoint_entries(prefix):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+# Flags before TensorFlow ------------------------------------------------------------------------
+
+CLIS = ("trainer.py", "evaler.py", "export.py", "predict.py", "study.py", "download.py")
+
+
+@pytest.fixture(scope="module")
+def without_tensorflow(tmp_path_factory):
+    """An environment in which importing TensorFlow fails loudly."""
+    folder = tmp_path_factory.mktemp("no_tensorflow")
+    os.makedirs(folder / "tensorflow")
+    (folder / "tensorflow" / "__init__.py").write_text(
+        "raise RuntimeError('TensorFlow was imported')\n")
+    return {**os.environ, "PYTHONPATH": str(folder)}
+
+
+@pytest.mark.parametrize("script", CLIS)
+def test_a_mistyped_flag_and_help_answer_before_tensorflow_is_imported(script,
+                                                                       without_tensorflow):
+    """Each CLI checks its flags, and answers --help, without importing TensorFlow (which takes
+    seconds): here importing it would fail."""
+    typo = subprocess.run([sys.executable, script, "--bogus_flag"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env=without_tensorflow)
+    assert typo.returncode == 2
+    assert typo.stderr.startswith("error: ") and len(typo.stderr.splitlines()) == 1, typo.stderr
+    assert "--bogus_flag" in typo.stderr or "required" in typo.stderr
+    help_text = subprocess.run([sys.executable, script, "--help"], cwd=REPO,
+                               capture_output=True, text=True, timeout=60,
+                               env=without_tensorflow)
+    assert help_text.returncode == 0 and "usage:" in help_text.stdout, help_text.stderr
