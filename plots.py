@@ -44,7 +44,7 @@ def training_curves(path, curves, title, seeds):
     norm_types = list(dict.fromkeys(key[0] for key in curves))
     batch_sizes = sorted({key[1] for key in curves})
     colors = dict(zip(batch_sizes, plt.cm.viridis(np.linspace(0, 0.9, len(batch_sizes)))))
-    figure, axes = plt.subplots(2, len(norm_types), figsize=(4.5 * len(norm_types) + 1, 7),
+    figure, axes = plt.subplots(2, len(norm_types), figsize=(max(7, 4.5 * len(norm_types) + 1), 7),
                                 dpi=DPI, sharex=True, sharey="row", squeeze=False)
     for column, norm_type in enumerate(norm_types):
         for row, (metric, label) in enumerate((("train_loss", "training loss"),
@@ -75,7 +75,7 @@ def error_curves(path, curves, title, seeds):
     `curves` as for training_curves."""
     lines = list(dict.fromkeys(key[0] for key in curves))
     batch_sizes = sorted({key[1] for key in curves})
-    figure, axes = plt.subplots(2, len(batch_sizes), figsize=(4 * len(batch_sizes) + 1, 7),
+    figure, axes = plt.subplots(2, len(batch_sizes), figsize=(max(7, 4 * len(batch_sizes) + 1), 7),
                                 dpi=DPI, sharey="row", squeeze=False)
     for column, batch_size in enumerate(batch_sizes):
         for row, (metric, label) in enumerate((("train_accuracy", "training error (%)"),

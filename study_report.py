@@ -200,10 +200,12 @@ def paper_updates(protocol, rows):
                       for batch, (update, rate, steps) in sorted(per_batch.items()))
     update, rate, _ = next(iter(per_batch.values()))
     base_rate = rate * protocol["reference_batch"] / update
-    return (f"The paper's protocol: an update averages the gradients of "
-            f"{protocol['devices_per_update']} x batch examples (the paper's "
-            f"{protocol['devices_per_update']} GPUs, each normalizing its own batch; here "
-            f"accumulated over passes), the learning rate is {base_rate:g} x update / "
+    devices = protocol["devices_per_update"]
+    update_text = ("The paper's protocol on one device: an update is one batch" if devices == 1
+                   else f"The paper's protocol: an update averages the gradients of {devices} x "
+                   f"batch examples (the paper's {devices} GPUs, each normalizing its own batch; "
+                   "here accumulated over passes)")
+    return (f"{update_text}, the learning rate is {base_rate:g} x update / "
             f"{protocol['reference_batch']}, and every cell trains {protocol['epochs']:g} "
             f"epochs ({cells})")
 

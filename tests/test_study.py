@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 import study
+import study_report
 import util
 from test_train_eval import wait_for_text
 
@@ -259,6 +260,16 @@ def test_paper_protocol_derives_each_cells_update_rate_and_steps(tmp_path):
     assert "| | G=8 |" in table and "| | C=16 |" in table
     for name in ("error_curves.png", "error_vs_groups.png"):
         assert iio.imread(study_dir / name).std() > 10, name
+
+
+def test_paper_protocol_on_one_device_says_an_update_is_one_batch():
+    rows = [{"batch_size": 32, "examples_per_update": 32, "learning_rate": 0.0125,
+             "config": {"max_training_step": 3750}}]
+    protocol = {"name": "paper", "epochs": 2, "devices_per_update": 1, "reference_batch": 256}
+    assert study_report.paper_updates(protocol, rows) == (
+        "The paper's protocol on one device: an update is one batch, the learning rate is 0.1 x "
+        "update / 256, and every cell trains 2 epochs (batch 32: 32 examples, rate 0.0125, 3750 "
+        "updates)")
 
 
 def test_paper_protocol_commands_carry_the_derived_flags(tmp_path, capsys):
