@@ -206,8 +206,8 @@ def paper_updates(protocol, rows):
                    f"batch examples (the paper's {devices} GPUs, each normalizing its own batch; "
                    "here accumulated over passes)")
     return (f"{update_text}, the learning rate is {base_rate:g} x update / "
-            f"{protocol['reference_batch']}, and every cell trains {protocol['epochs']:g} "
-            f"epochs ({cells})")
+            f"{protocol['reference_batch']}, and every cell trains {epochs_text(protocol)} "
+            f"({cells})")
 
 
 def schedule_text(config):
@@ -238,8 +238,12 @@ def protocol_title(protocol, config):
     """The protocol in a figure title."""
     if protocol["name"] == "paper":
         return (f"paper's protocol ({protocol['devices_per_update']} x batch per update, "
-                f"{protocol['epochs']:g} epochs)")
+                f"{epochs_text(protocol)})")
     return f"fixed update ({config['max_training_step']} x {config['max_batch_size']} examples)"
+
+
+def epochs_text(protocol):
+    return f"{protocol['epochs']:g} epoch{'' if protocol['epochs'] == 1 else 's'}"
 
 
 def seeds_text(seeds):

@@ -266,6 +266,7 @@ def test_paper_protocol_on_one_device_says_an_update_is_one_batch():
     rows = [{"batch_size": 32, "examples_per_update": 32, "learning_rate": 0.0125,
              "config": {"max_training_step": 3750}}]
     protocol = {"name": "paper", "epochs": 2, "devices_per_update": 1, "reference_batch": 256}
+    assert study_report.epochs_text({"epochs": 1}) == "1 epoch"
     assert study_report.paper_updates(protocol, rows) == (
         "The paper's protocol on one device: an update is one batch, the learning rate is 0.1 x "
         "update / 256, and every cell trains 2 epochs (batch 32: 32 examples, rate 0.0125, 3750 "
