@@ -37,15 +37,12 @@ def parse_args(argv=None):
                              "statistics over K training batches of the run's --batch_size "
                              "(the checkpoint is not changed; no effect without BN layers)")
     train_flags.add_device_flags(parser)
-    parser.add_argument(util.VERBOSE_FLAG, action="store_true",
-                        help="print TensorFlow's own log lines, hidden by default, and with "
-                             "--all each checkpoint's per-class accuracy and confusion matrix")
+    util.add_verbose_flag(parser, also=", and with --all each checkpoint's per-class accuracy "
+                                       "and confusion matrix")
     return parser.parse_args(argv)
 
 
-# --help and a mistyped flag answer before TensorFlow is imported, which takes seconds.
-util.check_flags_first(__name__, parse_args)
-util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
+util.check_flags_then_import_tensorflow(__name__, parse_args)
 
 import json
 import os

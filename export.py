@@ -25,7 +25,6 @@ moving statistics. Before anything is written, every format is checked against t
 network on random images: the same top-1 class, probabilities within 1e-5 (1e-4 for TFLite).
 """
 import argparse
-import sys
 
 import util
 
@@ -45,9 +44,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-# --help and a mistyped flag answer before TensorFlow is imported, which takes seconds.
-util.check_flags_first(__name__, parse_args)
-util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
+util.check_flags_then_import_tensorflow(__name__, parse_args)
 
 import contextlib
 import json

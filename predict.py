@@ -42,9 +42,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-# --help and a mistyped flag answer before TensorFlow is imported, which takes seconds.
-util.check_flags_first(__name__, parse_args)
-util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
+util.check_flags_then_import_tensorflow(__name__, parse_args)
 
 import json
 import os

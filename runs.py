@@ -103,9 +103,10 @@ def read_run_config(checkpoint_prefix):
         config = json.load(f)
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        written_by = ("a newer version of this repo — update it" if (version or 0) > FORMAT_VERSION
-                      else "an earlier version of this repo — train a new run, or use that "
-                      "version to evaluate or export it")
+        newer = (version or 0) > FORMAT_VERSION
+        written_by = ("a newer version of this repo — update it" if newer else "an earlier "
+                      "version of this repo — train a new run, or use that version to evaluate "
+                      "or export it")
         raise UsageError(f"run {run_dir or '.'} has format version {version or 0} in its "
                          f"config.json, not {FORMAT_VERSION}: it was written by {written_by}")
     return config

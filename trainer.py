@@ -17,13 +17,10 @@ can hold the input pipeline's position next to the model, optimizer and step.
 What an update computes is `updates.py`; the run directory it writes (config.json, checkpoints,
 summaries, result.json) is `runs.RunWriter`; this file is the loop, its signals and the CLI.
 """
-import sys
-
 import train_flags
 import util
 
-util.check_flags_first(__name__, train_flags.parse_args)
-util.quiet_tensorflow(sys.argv[1:])  # before anything imports TensorFlow
+util.check_flags_then_import_tensorflow(__name__, train_flags.parse_args)
 
 import math
 import time
@@ -90,9 +87,8 @@ class Trainer:
         wrote it."""
         updater = self.updater
         same_streams = runs.same_streams(self.config, updater.share.workers, source_config)
-        state = tf.train.Checkpoint(model=updater.model, optimizer=updater.optimizer,
-                                    train_seconds=self.clock,
-                                    **({"streams": updater.streams} if same_streams else {}))
+        state = self.state if same_streams else tf.train.Checkpoint(
+            model=updater.model, optimizer=updater.optimizer, train_seconds=self.clock)
         try:
             state.restore(prefix).expect_partial().assert_existing_objects_matched()
         except runs.RESTORE_ERRORS as error:

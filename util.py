@@ -22,8 +22,8 @@ def quiet_tensorflow(argv):
     While it is imported, TensorFlow prints INFO lines whatever the level (the CUDA stub's
     "Could not find cuda drivers", twice), so its stderr is held back during the import and shown
     only if the import fails or the level lets INFO lines through. The CLIs call this with
-    sys.argv once their flags are checked (`check_flags_first`), before any module imports
-    TensorFlow."""
+    sys.argv once their flags are checked (`check_flags_then_import_tensorflow`), before any
+    module imports TensorFlow."""
     if VERBOSE_FLAG in argv:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -33,13 +33,14 @@ def quiet_tensorflow(argv):
         import tensorflow  # noqa: F401
 
 
-def check_flags_first(module_name, parse_args):
-    """Parses and checks a CLI's flags with `parse_args()` when `module_name` is "__main__" (the
-    script being run), before the script imports TensorFlow, which takes seconds: --help and a
-    mistyped flag answer at once. `parse_args` must not import TensorFlow; main() parses the
-    flags again, in no time."""
+def check_flags_then_import_tensorflow(module_name, parse_args):
+    """A CLI's start: when `module_name` is "__main__" (the script being run), parses and checks
+    its flags with `parse_args()` before TensorFlow is imported, which takes seconds, so that
+    --help and a mistyped flag answer at once (`parse_args` must not import TensorFlow; main()
+    parses the flags again, in no time); then imports TensorFlow quietly (`quiet_tensorflow`)."""
     if module_name == "__main__":
         run_cli(parse_args)
+    quiet_tensorflow(sys.argv[1:])
 
 
 @contextlib.contextmanager
@@ -62,11 +63,12 @@ def stderr_held_back():
             os.close(real_stderr)
 
 
-def add_verbose_flag(parser):
-    """The --verbose flag that `quiet_tensorflow` reads, so that --help lists it."""
+def add_verbose_flag(parser, also=""):
+    """The --verbose flag that `quiet_tensorflow` reads, so that --help lists it; `also` adds
+    what else it shows in this CLI."""
     parser.add_argument(VERBOSE_FLAG, action="store_true",
                         help="also print TensorFlow's own log lines, hidden by default (as they "
-                             "are when the environment sets TF_CPP_MIN_LOG_LEVEL)")
+                             "are when the environment sets TF_CPP_MIN_LOG_LEVEL)" + also)
 
 
 class ArgumentParser(argparse.ArgumentParser):
