@@ -13,14 +13,12 @@ computed by TensorFlow's fused kernel, or in training GroupNorm's C++ kernels, w
 Conv2D is channels-last. No flags, no I/O.
 
 Fast paths (GroupNorm's C++ or compiled kernels, BatchNorm's fused kernel, Conv2D's patches
-product and oneDNN gradients) give the same numbers as the plain TensorFlow ops; set the
-environment variable GN_FAST_OPS=0 to use the plain ops instead, GN_CPP_KERNELS=0 to keep the fast
-paths but run GroupNorm's TensorFlow-op kernels, or GN_ONEDNN_CONV=0 to keep TensorFlow's own
-convolution gradients.
+product and oneDNN gradients) give the same numbers as the plain TensorFlow ops. Which one a
+layer runs is decided by kernels/policy.py, from the switches in force when the layer is
+constructed (GN_FAST_OPS=0, GN_CPP_KERNELS=0, GN_ONEDNN_CONV=0 in the environment, or
+`policy.using(...)`); `plain_ops()` makes everything traced inside it plain.
 """
-import contextlib
 import numbers
-import threading
 
 import keras
 import numpy as np
@@ -29,37 +27,8 @@ import tensorflow as tf
 from choices import DEFAULT_GROUPS, NORM_TYPES  # the names the flags choose from
 from kernels import conv as conv_kernels
 from kernels import group_norm as gn_compute
-from kernels.group_norm import cpp_kernels_usable, gpu_visible, switched_off
-# Looked up in this module when the layer runs, where tests can watch it.
-from kernels.group_norm import in_xla_function as _in_xla_function
-
-
-_plain_ops = threading.local()
-
-
-def fast_ops_enabled():
-    """False when the environment sets GN_FAST_OPS to 0 / false / no / off, and inside
-    `plain_ops()`."""
-    return not (switched_off("GN_FAST_OPS") or plain_ops_active())
-
-
-def plain_ops_active():
-    """True inside `plain_ops()`."""
-    return getattr(_plain_ops, "active", False)
-
-
-@contextlib.contextmanager
-def plain_ops():
-    """Layers called (or functions traced) inside this block are built from plain TensorFlow ops
-    only: no C++ kernel, no XLA-compiled function, no custom gradient. A graph traced here can
-    leave the process: a SavedModel loads where this repo's library was never loaded, and TFLite
-    converts it. It computes the same numbers as the fast paths (to float32 rounding)."""
-    outer = plain_ops_active()
-    _plain_ops.active = True
-    try:
-        yield
-    finally:
-        _plain_ops.active = outer
+from kernels import policy
+from kernels.policy import plain_ops  # noqa: F401  (ops.plain_ops: the layers' export switch)
 
 
 @keras.saving.register_keras_serializable(package="gn")
@@ -136,6 +105,7 @@ class GroupNorm(keras.layers.Layer):
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
         self.supports_masking = True
         self.autocast = False  # the statistics see the input as it arrives; `call` casts after
+        self._switches = policy.current()
 
     def build(self, input_shape):
         rank = len(input_shape)
@@ -183,23 +153,17 @@ class GroupNorm(keras.layers.Layer):
         channels = inputs.shape[self.axis]
         gamma = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, tf.float32)
         beta = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
-        if self._channels_last and fast_ops_enabled():
-            outputs = gn_compute.fast(inputs, gamma, beta, self.groups, self.epsilon,
-                                      self._kernels_for(inputs))
-        else:
+        kernel = policy.group_norm_kernel(policy.at_call(self._switches), inputs,
+                                          self._channels_last)
+        if kernel == "plain":
             outputs = gn_compute.plain(inputs, gamma, beta, self.groups, self.epsilon, self.axis)
+        else:
+            kernel_pair = {"cpp": gn_compute.CPP_KERNELS, "tf_ops": gn_compute.TF_KERNELS,
+                           "tf_ops_xla": self._compiled_kernels}[kernel]
+            outputs = gn_compute.fast(inputs, gamma, beta, self.groups, self.epsilon, kernel_pair)
         if outputs.dtype != self.compute_dtype:
             outputs = tf.cast(outputs, self.compute_dtype)
         return outputs
-
-    def _kernels_for(self, inputs):
-        """The C++ kernels where they can run; else the TensorFlow-op kernels, XLA-compiled for
-        large (or not yet known) sizes."""
-        if _cpp_kernels_run(inputs):
-            return gn_compute.CPP_KERNELS
-        size = inputs.shape.num_elements()
-        large = size is None or size >= gn_compute.XLA_MIN_ELEMENTS
-        return self._compiled_kernels if large else gn_compute.TF_KERNELS
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -249,17 +213,6 @@ def _statistics_input(inputs, compute_dtype):
     return inputs
 
 
-def _cpp_kernels_run(inputs):
-    """Whether GroupNorm's C++ kernels can take `inputs` here: its dtype, not inside a function
-    XLA compiles whole, and the kernels built and not switched off."""
-    return (inputs.dtype in gn_compute.CPP_KERNEL_DTYPES and not _in_xla_function()
-            and cpp_kernels_usable())
-
-
-# The input dtypes TensorFlow's fused batch-norm kernel takes; its statistics are float32.
-FUSED_BATCH_NORM_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
-
-
 @keras.saving.register_keras_serializable(package="gn")
 class BatchNorm(keras.layers.BatchNormalization):
     """Keras's `BatchNormalization`, computed by fused kernels where they apply.
@@ -268,11 +221,9 @@ class BatchNorm(keras.layers.BatchNormalization):
     the activations forward and more backward; TensorFlow's fused kernel (FusedBatchNormV3 and
     its registered gradient, FusedBatchNormGradV3) does the statistics and the normalization in
     one op each way, in less time than Keras's computation (docs/performance.md has the
-    measurements). In training, tensors of up to GN_KERNEL_MAX_ELEMENTS values normalize on
-    GroupNorm's C++ kernels instead, which are faster still there
-    (`_batch_norm_on_group_norm_kernel`); GN_CPP_KERNELS=0 keeps the fused kernel. The
-    arguments, the variables
-    (gamma, beta, moving_mean, moving_variance: the same names, order and dtypes, so checkpoints
+    measurements). In training, most tensors normalize on GroupNorm's C++ kernels instead,
+    which are faster still there (`_batch_norm_on_group_norm_kernel`; kernels/policy.py says
+    where). The arguments, the variables (gamma, beta, moving_mean, moving_variance: the same names, order and dtypes, so checkpoints
     written with Keras's layer restore), the configuration and the semantics are Keras's: in
     training (`training=True` and the layer trainable) the batch statistics normalize and
     `moving = moving * momentum + batch_stat * (1 - momentum)` with the biased batch variance;
@@ -290,14 +241,21 @@ class BatchNorm(keras.layers.BatchNormalization):
     compute dtype.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._switches = policy.current()
+
     def call(self, inputs, training=None, mask=None):
-        if not self._fused_applies(inputs, mask):
+        learning = bool(training and self.trainable)
+        kernel = policy.batch_norm_kernel(policy.at_call(self._switches), inputs, learning,
+                                          plain_layer=self._keras_only(inputs, mask))
+        if kernel == "keras":
             return super().call(inputs, training=training, mask=mask)
         scale, offset = self._scale_and_offset(inputs.shape[-1])
         moving_mean = tf.cast(self.moving_mean, tf.float32)
         moving_variance = tf.cast(self.moving_variance, tf.float32)
-        if training and self.trainable:
-            normalize = (_batch_norm_on_group_norm_kernel if self._group_norm_kernel_applies(inputs)
+        if learning:
+            normalize = (_batch_norm_on_group_norm_kernel if kernel == "cpp"
                          else _fused_batch_norm_training)
             outputs, mean, variance = normalize(inputs, scale, offset, self.epsilon)
             self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
@@ -308,21 +266,10 @@ class BatchNorm(keras.layers.BatchNormalization):
                                                   moving_variance, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 
-    def _fused_applies(self, inputs, mask):
-        """Whether this call can run the fused kernel (see the class docstring)."""
-        return (fast_ops_enabled() and not self.synchronized and not self.renorm
-                and mask is None and inputs.shape.rank == 4 and self.axis in (-1, 3)
-                and inputs.dtype in FUSED_BATCH_NORM_DTYPES)
-
-    def _group_norm_kernel_applies(self, inputs):
-        """Whether the training normalization runs on GroupNorm's C++ kernels (see
-        `_batch_norm_on_group_norm_kernel`): where they can run, on up to
-        GN_KERNEL_MAX_ELEMENTS values, and more than one value per channel. With one, x - mean
-        is 0 and the fused kernel's gradients are exact zeros, while the closed form leaves the
-        rounding of dy * x magnified by 1 / sqrt(epsilon)."""
-        size = inputs.shape.num_elements()
-        return (size is not None and inputs.shape[-1] < size <= GN_KERNEL_MAX_ELEMENTS
-                and _cpp_kernels_run(inputs))
+    def _keras_only(self, inputs, mask):
+        """Whether only Keras's computation serves this call (see the class docstring)."""
+        return (self.synchronized or self.renorm or mask is not None or inputs.shape.rank != 4
+                or self.axis not in (-1, 3))
 
     def _scale_and_offset(self, channels):
         """gamma and beta as float32, or the ones and zeros the kernel needs in their place when
@@ -330,12 +277,6 @@ class BatchNorm(keras.layers.BatchNormalization):
         scale = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, tf.float32)
         offset = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, tf.float32)
         return scale, offset
-
-
-# BN's training normalization runs on GroupNorm's C++ kernels up to this many values; above it,
-# the fused kernel's threads stream the tensor better than the C++ kernel's channel blocks do
-# (docs/performance.md, "BN trained on GroupNorm's C++ kernels").
-GN_KERNEL_MAX_ELEMENTS = 1 << 22
 
 
 def _batch_norm_on_group_norm_kernel(x, scale, offset, epsilon):
@@ -405,15 +346,19 @@ class Conv2D(keras.layers.Conv2D):
         super().__init__(filters, kernel_size, strides=strides, **kwargs)
         self.weight_std = weight_std
         self.ws_epsilon = ws_epsilon
+        self._switches = policy.current()
 
     def convolution_op(self, inputs, kernel):
         if self.weight_std:
             mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
             kernel = (kernel - mean) * tf.math.rsqrt(variance + self.ws_epsilon)
-        if fast_ops_enabled() and not gpu_visible() and self._plain_convolution():
-            if self._small_map(inputs):
+        if self._plain_convolution():
+            implementation = policy.conv_kernel(policy.at_call(self._switches), inputs.shape,
+                                                kernel.shape, self.strides,
+                                                (inputs.dtype, kernel.dtype))
+            if implementation == "patches":
                 return self._patches_times_kernel(inputs, kernel)
-            if self._onednn_gradients_pay(inputs, kernel):
+            if implementation == "onednn":
                 return conv_kernels.conv2d(inputs, kernel, self.strides)
         return super().convolution_op(inputs, kernel)
 
@@ -421,23 +366,6 @@ class Conv2D(keras.layers.Conv2D):
         """Channels last, undilated, ungrouped: what both fast paths handle."""
         return (self.data_format == "channels_last" and self.groups == 1
                 and tuple(self.dilation_rate) == (1, 1))
-
-    def _onednn_gradients_pay(self, inputs, kernel):
-        """Whether this float32 convolution is large enough for the oneDNN gradients to be the
-        faster (kernels/conv.py), and they can run here."""
-        return (inputs.dtype == tf.float32 and kernel.dtype == tf.float32
-                and conv_kernels.pays_off(inputs.shape, kernel.shape, self.strides)
-                and not _in_xla_function() and conv_kernels.onednn_gradients_usable())
-
-    def _small_map(self, inputs):
-        """Whether `inputs` is a known-size map no larger than the kernel, or of at most 8x8
-        positions with >= 128 channels."""
-        height, width, channels = inputs.shape[1:]
-        if not (height and width):
-            return False
-        kernel_height, kernel_width = self.kernel_size
-        return (height * width <= kernel_height * kernel_width
-                or (height * width <= 64 and channels >= 128))
 
     def _patches_times_kernel(self, inputs, kernel):
         """The 'same'-padded convolution as [N * H' * W', kh*kw*C] patches @ [kh*kw*C, filters].
@@ -502,8 +430,12 @@ class LeakyReLU(keras.layers.LeakyReLU):
     input, so the gradient can read the output, and the bias add keeps a single reader.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._switches = policy.current()
+
     def call(self, inputs):
-        if plain_ops_active():
+        if policy.leaky_relu_kernel(policy.at_call(self._switches)) == "keras":
             return super().call(inputs)
         return _leaky_relu(inputs, self.negative_slope)
 

@@ -122,7 +122,7 @@ def build_parser(**options):
     logs.add_argument("--ckpt_save_step", type=int, default=1000,
                       help="save a checkpoint every this many steps, and always at the end "
                            "(default: %(default)s)")
-    util.add_verbose_flag(logs)
+    util.add_verbose_flag(logs, also=", and the kernels each op runs (kernels/policy.py)")
     return parser
 
 

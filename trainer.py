@@ -34,6 +34,7 @@ import model as model_lib
 import runs
 import train_flags
 import updates
+from kernels import policy
 from util import TERMINATED_STATUS, UsageError, log
 
 
@@ -316,6 +317,8 @@ def main(argv=None):
     log.info("%s on %s (%d train, %d test), %s norm, %d parameters", config.model,
              config.dataset, data.num_train, data.num_test, config.norm_type, config.parameters)
     log.info("%s; %s", distribution.describe(strategy), trainer.updater.describe_batches())
+    if config.verbose:
+        log.info("%s", policy.describe())
     finished = False
     try:
         with util.sigterm_recorded() as sigterm:

@@ -10,9 +10,10 @@
 Sections:
   norm     normalization layers, forward + backward, over keras BatchNormalization (which in Keras
            3 is tf.nn.moments + tf.nn.batch_normalization, not a fused kernel) on three shapes, in
-           float32 and bfloat16; beside it TensorFlow's fused kernel (FusedBatchNormV3, as
-           ops.BatchNorm with GN_CPP_KERNELS=0) and ops.BatchNorm as --norm_type batch trains
-           with (on GroupNorm's C++ kernels up to 4M values, the fused kernel above)
+           float32 and bfloat16; beside it TensorFlow's fused kernel as tf.keras 2 called it
+           (FusedBatchNormV3 updating the moving averages itself), ops.BatchNorm on that kernel
+           (GN_CPP_KERNELS=0) and ops.BatchNorm as --norm_type batch trains with (the kernels
+           kernels/policy.py picks)
   step     one training step (forward, backward, the trainer's fused Adam) of each model with
            BN and GN at batch 2 and 32: ms, images/s, GN / BN, and step / forward-only; where
            torch is importable, the same step of `conv` and `resnet20` rebuilt in PyTorch
@@ -61,7 +62,7 @@ import ops  # noqa: E402
 import train_flags  # noqa: E402
 import updates  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
-from kernels import optimizers  # noqa: E402
+from kernels import optimizers, policy  # noqa: E402
 
 SECTIONS = ("norm", "step", "input", "convert", "scale", "memory")
 NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
@@ -74,7 +75,8 @@ STEP_INSTANCES = {"conv": 4, "resnet20": 4, "resnet": 2}
 TARGETS = {  # key: (what is measured, the largest value that meets the target)
     "gn_over_bn_layer": ("GN / BN layer, [32,32,32,64]", 0.8),
     "gn_over_keras_gn_layer": ("GN / keras GN layer, [8,56,56,256]", 0.4),
-    "gn_over_fused_bn_layer": ("GN / fused BN layer, float32, worst of the three shapes", 0.9),
+    "gn_over_fused_bn_layer": ("GN / fused BN layer as tf.keras 2 ran it, float32, worst of the "
+                               "three shapes", 0.9),
     "gn_over_bn_step": ("train step GN / BN, conv and resnet20, batch 2 and 32 (worst)", 1.0),
     "step_over_forward": ("train step / forward-only, conv, batch 32", 6.0),
     "step_over_torch": ("train step / PyTorch's, conv and resnet20, BN and GN, batch 2 and 32 "
@@ -137,15 +139,51 @@ def _seconds(fn, repeats):
 
 # Normalization layers ---------------------------------------------------------------------------
 
-def norm_layers(channels, policy):
+class KerasTwoFusedBatchNorm(keras.layers.Layer):
+    """Batch norm in training as tf.keras 2's BatchNormalization computed it (fused=True): one
+    FusedBatchNormV3 that also updates the moving mean and variance (`exponential_avg_factor`),
+    the moving averages then assigned, with no other op. The baseline a tf.keras 2 user had."""
+
+    def __init__(self, momentum=0.99, epsilon=1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum, self.epsilon = momentum, epsilon
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones",
+                                     autocast=False)
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
+                                    autocast=False)
+        self.moving_mean = self.add_weight(name="moving_mean", shape=(channels,),
+                                           initializer="zeros", trainable=False, autocast=False)
+        self.moving_variance = self.add_weight(name="moving_variance", shape=(channels,),
+                                               initializer="ones", trainable=False,
+                                               autocast=False)
+
+    def call(self, inputs):
+        outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=self.gamma, offset=self.beta, mean=self.moving_mean,
+            variance=self.moving_variance, epsilon=self.epsilon,
+            exponential_avg_factor=1.0 - self.momentum, data_format="NHWC", is_training=True)[:3]
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(variance)
+        return outputs
+
+
+def norm_layers(channels, dtype_policy):
+    """The layers the norm section compares, each built with the kernels it names."""
+    with policy.using(cpp_kernels=False):
+        our_fused_batch_norm = ops.BatchNorm(epsilon=1e-5, dtype=dtype_policy)
     return {
-        "batch (keras)": keras.layers.BatchNormalization(epsilon=1e-5, dtype=policy),
-        "batch (TF fused)": ops.BatchNorm(epsilon=1e-5, dtype=policy),
-        "batch (ours)": ops.BatchNorm(epsilon=1e-5, dtype=policy),
-        "group (ours)": ops.GroupNorm(GROUPS, epsilon=1e-5, dtype=policy),
-        "group (keras)": keras.layers.GroupNormalization(GROUPS, epsilon=1e-5, dtype=policy),
-        "layer (ours)": ops.GroupNorm(1, epsilon=1e-5, dtype=policy),
-        "instance (ours)": ops.GroupNorm(channels, epsilon=1e-5, dtype=policy),
+        "batch (keras)": keras.layers.BatchNormalization(epsilon=1e-5, dtype=dtype_policy),
+        "batch (tf.keras 2)": KerasTwoFusedBatchNorm(epsilon=1e-5, dtype=dtype_policy),
+        "batch (ours, fused)": our_fused_batch_norm,
+        "batch (ours)": ops.BatchNorm(epsilon=1e-5, dtype=dtype_policy),
+        "group (ours)": ops.GroupNorm(GROUPS, epsilon=1e-5, dtype=dtype_policy),
+        "group (keras)": keras.layers.GroupNormalization(GROUPS, epsilon=1e-5,
+                                                         dtype=dtype_policy),
+        "layer (ours)": ops.GroupNorm(1, epsilon=1e-5, dtype=dtype_policy),
+        "instance (ours)": ops.GroupNorm(channels, epsilon=1e-5, dtype=dtype_policy),
     }
 
 
@@ -162,31 +200,15 @@ def forward_backward(layer, x, dy):
     return run
 
 
-def traced_with(function, **environment):
-    """Traces the tf.function `function` with `environment` set. The switches (GN_CPP_KERNELS
-    and friends) are read while tracing, so every later call keeps the choice made then."""
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    try:
-        function()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
-
-
 def bench_norm(rounds, seconds):
     rows = []
-    for dtype, policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16")):
+    for dtype, dtype_policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16")):
         for shape in NORM_SHAPES:
             release_previous()
             x = tf.cast(tf.random.normal(shape) * 3 + 1, dtype)
             dy = tf.cast(tf.random.normal(shape), dtype)
             candidates = {name: forward_backward(layer, x, dy)
-                          for name, layer in norm_layers(shape[-1], policy).items()}
-            traced_with(candidates["batch (TF fused)"], GN_CPP_KERNELS="0")
+                          for name, layer in norm_layers(shape[-1], dtype_policy).items()}
             times = time_rounds(candidates, rounds, seconds)
             rows.append({"dtype": dtype, "shape": list(shape),
                          "ms": {name: 1000 * t for name, t in median(times).items()},
@@ -194,7 +216,7 @@ def bench_norm(rounds, seconds):
                                      for name in times},
                          "gn_over_bn": ratio(times, ["group (ours)"], ["batch (keras)"]),
                          "gn_over_fused_bn": ratio(times, ["group (ours)"],
-                                                   ["batch (TF fused)"]),
+                                                   ["batch (tf.keras 2)"]),
                          "gn_over_our_bn": ratio(times, ["group (ours)"], ["batch (ours)"]),
                          "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"])})
     return rows
@@ -529,15 +551,6 @@ def target_lines(values):
     return lines
 
 
-def group_norm_kernels():
-    """Which GroupNorm implementation the float32 measurements run."""
-    if not ops.fast_ops_enabled():
-        return "plain TensorFlow ops (GN_FAST_OPS=0)"
-    if ops.cpp_kernels_usable():
-        return "C++ (kernels/group_norm.cc)"
-    return "TensorFlow-op kernels, XLA-compiled from 128K elements"
-
-
 def parse_args(argv=None):
     parser = util.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -569,9 +582,9 @@ def main(argv=None):
                 "convert": lambda r: print(f"HDF5 conversion of {r['images']:,} 28x28 images: "
                                            f"{r['seconds']:.2f} s"),
                 "scale": print_scale, "memory": print_memory}
-    results = {"fast_ops": ops.fast_ops_enabled(), "group_norm_kernels": group_norm_kernels()}
+    results = {"kernels": policy.describe()}
     if not args.json:
-        print(f"GroupNorm kernels: {results['group_norm_kernels']}")
+        print(results["kernels"])
     for section in args.sections:
         results[section] = runners[section]()
         if not args.json:

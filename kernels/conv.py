@@ -6,15 +6,14 @@ on by default only on CPUs with AVX-512 and newer. Elsewhere (an AVX2 CPU) the g
 TensorFlow's own kernels, which cut the work into many small matrix products: on the large
 convolutions of a batch-32 step they take longer than the oneDNN kernels (docs/performance.md has
 the table), while on small ones (batch 2) the oneDNN kernels' fixed cost per call makes them the
-slower. TF_ENABLE_ONEDNN_OPTS=1 would move every op of the
-graph, whatever its size; `conv2d` is tf.nn.conv2d with the oneDNN gradients, and ops.Conv2D
-picks it for the convolutions where it pays (`pays_off`).
+slower. TF_ENABLE_ONEDNN_OPTS=1 would move every op of the graph, whatever its size; `conv2d`
+is tf.nn.conv2d with the oneDNN gradients, and kernels/policy.py picks it for the convolutions
+where it pays.
 
-The two ops are TensorFlow internals, so `onednn_gradients_usable()` checks once per process that
+The two ops are TensorFlow internals, so `onednn_gradients_work()` checks once per process that
 they exist and give TensorFlow's numbers (one warning line when a TensorFlow that has them gives
-other numbers, or lacks the private registry they are looked up in), and the layer keeps
-TensorFlow's gradients when they do not, inside XLA-compiled functions, when the environment sets
-GN_ONEDNN_CONV=0 or TF_ENABLE_ONEDNN_OPTS=0, and for dtypes other than float32.
+other numbers, or lacks the private registry they are looked up in); where they do not, the
+policy keeps TensorFlow's gradients.
 """
 import functools
 
@@ -22,29 +21,10 @@ import numpy as np
 import tensorflow as tf
 
 import kernels
-from kernels.group_norm import switched_off
 
 AttrValue = tf.compat.v1.AttrValue  # the protocol buffer of an op's attribute
 
 BACKPROP_OPS = ("_MklNativeConv2DBackpropInput", "_MklNativeConv2DBackpropFilter")
-# Multiply-adds of a convolution from which the oneDNN gradients are the faster, and the fewest
-# input channels (a 3-channel first layer's input gradient is faster on TensorFlow's kernel):
-# between the models' convolutions at batch 2 (at most 17M, which lose) and ResNet-20's 3x3
-# convs at batch 32 (38-75M, which gain); docs/performance.md has the measurements.
-MIN_MULTIPLY_ADDS = 32 * 2**20
-MIN_INPUT_CHANNELS = 16
-
-
-def pays_off(input_shape, kernel_shape, strides):
-    """Whether the oneDNN gradients are the faster for this convolution (known static shapes,
-    'same' padding)."""
-    batch, height, width, in_channels = input_shape
-    if batch is None or height is None or width is None:
-        return False
-    kernel_height, kernel_width, _, filters = kernel_shape
-    outputs = batch * -(-height // strides[0]) * -(-width // strides[1])
-    multiply_adds = outputs * kernel_height * kernel_width * in_channels * filters
-    return multiply_adds >= MIN_MULTIPLY_ADDS and in_channels >= MIN_INPUT_CHANNELS
 
 
 def conv2d(inputs, kernel, strides):
@@ -93,15 +73,10 @@ def _ints(values):
     return AttrValue(list=AttrValue.ListValue(i=values))
 
 
-def onednn_gradients_usable():
-    """True unless switched off (GN_ONEDNN_CONV=0, TF_ENABLE_ONEDNN_OPTS=0) or this TensorFlow
-    lacks the ops or gets other numbers from them than from its own gradients."""
-    return (not switched_off("GN_ONEDNN_CONV") and not switched_off("TF_ENABLE_ONEDNN_OPTS")
-            and _onednn_gradients_work())
-
-
 @functools.cache
-def _onednn_gradients_work():
+def onednn_gradients_work():
+    """Whether this TensorFlow has the oneDNN gradient ops and they give its own gradients'
+    numbers; checked once per process."""
     registered = _registered_ops()
     if registered is None:
         return _fall_back("this TensorFlow has no op registry to look them up in")
@@ -135,7 +110,8 @@ def _same_gradients_as_tensorflow():
                        for shape in ((2, 5, 5, 3), (3, 3, 3, 4), (2, 3, 3, 4)))
     stride_attr = [1, 2, 2, 1]
     try:
-        ours = tf.function(lambda: _onednn_gradients(x, w, d_outputs, stride_attr))()
+        ours = tf.function(lambda: _onednn_gradients(x, w, d_outputs, stride_attr),
+                           autograph=False)()
     except (tf.errors.OpError, ValueError, TypeError):
         return False
     theirs = _tensorflow_gradients(x, w, d_outputs, stride_attr)

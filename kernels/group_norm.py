@@ -4,7 +4,6 @@ group_norm.cc or TensorFlow ops (XLA-compiled for large sizes). ops.GroupNorm is
 picks the kernels; gamma and beta arrive here as float32 and outputs leave in the input's dtype.
 """
 import functools
-import os
 
 import tensorflow as tf
 
@@ -122,10 +121,6 @@ def backward(d_outputs, inputs, gamma, mean, rstd, groups):
             tf.reduce_sum(sum_dy_x_hat, axis=[0, 1]), tf.reduce_sum(sum_dy, axis=[0, 1]))
 
 
-# Launching an XLA computation has a fixed cost on a CPU: it pays off from about this many
-# elements (a [32, 2, 2, 512] tensor runs faster as ordinary TensorFlow ops, a [32, 4, 4, 256] one
-# compiled).
-XLA_MIN_ELEMENTS = 1 << 17
 TF_KERNELS = (forward, backward)
 
 
@@ -142,45 +137,6 @@ def compiled_kernels():
 # twenty, which matters most at small sizes (a batch-2 step), where launching an op costs more
 # than its arithmetic. Their statistics are [N, G] rather than [N, 1, C].
 CPP_KERNEL_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
-
-
-def switched_off(variable):
-    """Whether the environment sets `variable` to 0 / false / no / off."""
-    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
-
-
-def gpu_visible():
-    """Whether TensorFlow places ops on a GPU by default here."""
-    return bool(tf.config.list_logical_devices("GPU"))
-
-
-def cpp_kernels_usable():
-    """True when the C++ kernels are built, not switched off (GN_CPP_KERNELS=0, to compare them
-    with the TensorFlow-op kernels) and no GPU would have to hand its tensors to them."""
-    return (not switched_off("GN_CPP_KERNELS") and not gpu_visible()
-            and kernels.group_norm_library() is not None)
-
-
-def in_xla_function():
-    """True while tracing a function that XLA compiles whole (`jit_compile=True`), which cannot
-    hold the C++ ops or the oneDNN gradients; also True where this TensorFlow lacks the test, so
-    that the layers then keep to ops XLA can compile."""
-    test = _xla_context_test()
-    return True if test is None else test(tf.compat.v1.get_default_graph())
-
-
-@functools.cache
-def _xla_context_test():
-    """TensorFlow's test of whether a graph is being traced for XLA. TensorFlow has no public one;
-    Keras 2 used this private one. A release that moves it gets None, after one warning."""
-    try:
-        from tensorflow.python.ops import control_flow_util
-        return control_flow_util.GraphOrParentsInXlaContext
-    except (ImportError, AttributeError) as error:
-        kernels.log.warning("GroupNorm and BatchNorm run their TensorFlow-op kernels and Conv2D "
-                            "TensorFlow's gradients: this TensorFlow cannot tell an XLA-compiled "
-                            "function apart (%s)", error)
-        return None
 
 
 def _cpp_forward(inputs, gamma, beta, groups, epsilon):

@@ -1,5 +1,6 @@
-"""Shared pytest setup: quiet TensorFlow logging, make the repo root importable, and end the
-process without Python's teardown."""
+"""Shared pytest setup: quiet TensorFlow logging, make the repo root importable, end the
+process without Python's teardown; the `kernel_switches` fixture."""
+import contextlib
 import os
 import sys
 
@@ -12,6 +13,15 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 _exit_status = []
+
+
+@pytest.fixture
+def kernel_switches():
+    """`kernel_switches(cpp_kernels=False)` sets the kernel policy's switches (kernels/policy.py)
+    for the layers the test constructs after it, until the test ends."""
+    from kernels import policy
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(policy.using(**changes))
 
 
 @pytest.hookimpl(trylast=True)

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import model as model_lib
 import ops
+from kernels import policy as kernel_policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOMENTUM, EPSILON = 0.9, 1e-5
@@ -106,12 +107,12 @@ SHAPES = [(1, 1, 1, 8), (2, 1, 1, 8), (1, 2, 2, 8), (2, 3, 3, 8), (4, 5, 5, 16)]
 
 
 @pytest.fixture(params=["group_norm_cpp", "fused"])
-def training_kernel(request, monkeypatch):
+def training_kernel(request, kernel_switches):
     """Runs a test with BN's training normalization on GroupNorm's C++ kernels, then on the
-    fused kernel (GN_CPP_KERNELS=0)."""
+    fused kernel (the C++ kernels switched off)."""
     if request.param == "fused":
-        monkeypatch.setenv("GN_CPP_KERNELS", "0")
-    elif not ops.cpp_kernels_usable():
+        kernel_switches(cpp_kernels=False)
+    elif not kernel_policy.cpp_kernels_available():
         pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
     return request.param
 
@@ -246,11 +247,11 @@ def test_fast_kernels_compute_channels_last_4d(axis, training, policy, training_
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 3, 8)])
 def test_fused_kernel_trains_on_one_value_per_channel_and_large_tensors(shape, monkeypatch):
-    """One value per channel, and more values than GN_KERNEL_MAX_ELEMENTS (here lowered below
-    the second shape's 144)."""
-    if not ops.cpp_kernels_usable():
+    """One value per channel, and more values than the policy's batch_norm_cpp_max_values (here
+    lowered below the second shape's 144)."""
+    if not kernel_policy.cpp_kernels_available():
         pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
-    monkeypatch.setattr(ops, "GN_KERNEL_MAX_ELEMENTS", 100)
+    monkeypatch.setitem(kernel_policy.THRESHOLDS, "batch_norm_cpp_max_values", 100)
     _, ours = _layers(shape)
     types = _op_types(ours, _input(shape), True)
     assert FUSED in types and not GROUP_NORM_CPP & types
@@ -280,7 +281,7 @@ def test_other_calls_take_keras_computation(case):
     np.testing.assert_array_equal(ours.moving_variance.numpy(), theirs.moving_variance.numpy())
 
 
-def test_plain_ops_and_the_switch_take_keras_computation(monkeypatch):
+def test_plain_ops_and_the_switch_take_keras_computation(kernel_switches):
     _, ours = _layers((2, 3, 3, 8))
     x = _input((2, 3, 3, 8))
     fast = {FUSED, *GROUP_NORM_CPP}
@@ -288,8 +289,10 @@ def test_plain_ops_and_the_switch_take_keras_computation(monkeypatch):
         assert not fast & _op_types(ours, x, True)
         assert not fast & _op_types(ours, x, False)
     assert fast & _op_types(ours, x, True)
-    monkeypatch.setenv("GN_FAST_OPS", "0")
-    assert not fast & _op_types(ours, x, True)
+    kernel_switches(fast_ops=False)
+    _, built_without_fast_ops = _layers((2, 3, 3, 8))
+    assert not fast & _op_types(built_without_fast_ops, x, True)
+    assert fast & _op_types(ours, x, True)  # a layer keeps the switches it was built with
 
 
 def test_in_a_function_xla_compiles_whole_matches_keras():
@@ -364,6 +367,7 @@ import numpy as np, keras, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import ops
+from kernels import policy as kernel_policy
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 x = np.random.default_rng(0).standard_normal((8, 3, 3, 4)).astype(np.float32)
 x[4:] = 3 * x[4:] + 2  # the second replica's examples have other statistics

@@ -19,9 +19,9 @@ import tensorflow as tf
 import evaler
 import input_ops
 import train_flags
-import ops
 import trainer
 import updates
+from kernels import policy as kernel_policy
 from test_train_eval import REPO, checkpoint_values, cli_error, wait_for_text
 
 # 3 updates of 8 examples on the sample, no dropout or augmentation: the runs below differ only
@@ -295,8 +295,9 @@ def test_jit_compile_trains_like_the_plain_graph(monkeypatch):
     the plain graph's losses to float32 rounding."""
     _, data = input_ops.load("sample", "./datasets")
     in_xla = []
-    original = ops._in_xla_function
-    monkeypatch.setattr(ops, "_in_xla_function", lambda: in_xla.append(original()) or in_xla[-1])
+    original = kernel_policy.in_xla_function
+    monkeypatch.setattr(kernel_policy, "in_xla_function",
+                        lambda: in_xla.append(original()) or in_xla[-1])
     losses = {}
     for jit_compile in (False, True):
         config = train_flags.parse_args([*SMALL, "--batch_size", "4"]

@@ -15,7 +15,7 @@ import kernels
 import train_flags
 import updates
 from kernels import conv as conv_kernels
-from kernels import group_norm as gn_compute
+from kernels import policy as kernel_policy
 from kernels import optimizers
 
 SAMPLE = input_ops.load("sample", "./datasets")[1]
@@ -48,7 +48,7 @@ def our_warnings(caplog):
 @pytest.fixture
 def fresh_checks():
     """The once-per-process checks run again in the test, and again after it."""
-    checks = (gn_compute._xla_context_test, conv_kernels._onednn_gradients_work)
+    checks = (kernel_policy._xla_context_test, conv_kernels.onednn_gradients_work)
     for check in checks:
         check.cache_clear()
     yield
@@ -60,12 +60,12 @@ def fresh_checks():
 def test_without_the_xla_context_test_norms_run_their_tensorflow_op_kernels(
         norm_type, monkeypatch, fresh_checks, caplog):
     reference = weights_after(3, "--norm_type", norm_type)
-    gn_compute._xla_context_test.cache_clear()
+    kernel_policy._xla_context_test.cache_clear()
     remove_module(monkeypatch, "tensorflow.python.ops", "control_flow_util")
     monkeypatch.setattr(kernels, "group_norm_library", lambda: pytest.fail("C++ kernels ran"))
     with caplog.at_level(logging.WARNING, logger="gn"):
         got = weights_after(3, "--norm_type", norm_type)
-    assert gn_compute.in_xla_function()
+    assert kernel_policy.in_xla_function()
     warnings = our_warnings(caplog)
     assert len(warnings) == 1 and "cannot tell an XLA-compiled function apart" in warnings[0]
     for ours, theirs in zip(got, reference):
@@ -74,15 +74,15 @@ def test_without_the_xla_context_test_norms_run_their_tensorflow_op_kernels(
 
 def test_without_the_op_registry_convolutions_take_tensorflows_gradients(
         monkeypatch, fresh_checks, caplog):
-    assert conv_kernels.onednn_gradients_usable(), "this machine runs the oneDNN gradients"
+    assert conv_kernels.onednn_gradients_work(), "this machine runs the oneDNN gradients"
     reference = weights_after(3)
-    conv_kernels._onednn_gradients_work.cache_clear()
+    conv_kernels.onednn_gradients_work.cache_clear()
     remove_module(monkeypatch, "tensorflow.python.framework", "op_def_registry")
     monkeypatch.setattr(conv_kernels, "_onednn_gradients",
                         lambda *args: pytest.fail("oneDNN gradients ran"))
     with caplog.at_level(logging.WARNING, logger="gn"):
         got = weights_after(3)
-        assert not conv_kernels.onednn_gradients_usable()
+        assert not conv_kernels.onednn_gradients_work()
     warnings = our_warnings(caplog)
     assert warnings == ["Conv2D takes TensorFlow's own gradients, not the oneDNN kernels: this "
                         "TensorFlow has no op registry to look them up in"]

@@ -16,6 +16,7 @@ import tensorflow as tf
 import ops
 from kernels import conv as conv_kernels
 from kernels import group_norm as gn_compute
+from kernels import policy as kernel_policy
 
 EPS = 1e-5
 
@@ -470,7 +471,7 @@ def test_conv2d_on_small_maps_equals_keras_conv2d_with_gradients(size, kernel_si
     x = tf.constant(_random_input(rng, (3, size, size, channels), loc=0.3, scale=1.0))
     ours = ops.Conv2D(7, kernel_size, strides=strides, use_bias=True)
     ours.build(x.shape)
-    assert ours._small_map(x)
+    assert _conv_kernel(ours, x) == "patches"
     plain = keras.layers.Conv2D(7, kernel_size, strides=strides, padding="same", use_bias=True)
     plain.build(x.shape)
     plain.set_weights([rng.standard_normal(ours.kernel.shape).astype(np.float32),
@@ -583,12 +584,32 @@ def _values_and_gradients(layer, x, dy):
             [tf.cast(y, tf.float32), *tape.gradient(loss, [x, *layer.trainable_variables])]]
 
 
-def _assert_fast_path_equals_plain(layer, x, dy, rtol, monkeypatch):
-    """The layer's outputs and gradients with the fast paths on and with GN_FAST_OPS=0 agree to
+def _conv_kernel(layer, x):
+    """The policy's choice for the built ops.Conv2D `layer` on `x`."""
+    return kernel_policy.conv_kernel(kernel_policy.current(), x.shape, layer.kernel.shape,
+                                     layer.strides, (x.dtype, layer.kernel.dtype))
+
+
+@pytest.fixture
+def environment_switches(monkeypatch):
+    """`environment_switches(GN_FAST_OPS="0")` sets the variables and reads the kernel switches
+    anew, as a process started with them would; the process's own are read again after."""
+    def read(**variables):
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        kernel_policy.from_environment.cache_clear()
+        return kernel_policy.from_environment()
+    yield read
+    monkeypatch.undo()
+    kernel_policy.from_environment.cache_clear()
+
+
+def _assert_fast_path_equals_plain(layer, x, dy, rtol):
+    """The layer's outputs and gradients with the fast paths on and in plain_ops() agree to
     `rtol` of each one's largest value."""
     fast = _values_and_gradients(layer, x, dy)
-    monkeypatch.setenv("GN_FAST_OPS", "0")
-    plain = _values_and_gradients(layer, x, dy)
+    with ops.plain_ops():
+        plain = _values_and_gradients(layer, x, dy)
     for got, want in zip(fast, plain):
         scale = np.max(np.abs(want))
         assert np.max(np.abs(got - want)) <= rtol * scale
@@ -606,14 +627,14 @@ FAST_CASES = [
 
 
 @pytest.fixture(params=["cpp", "tensorflow_ops"])
-def gn_kernels(request, monkeypatch):
+def gn_kernels(request, monkeypatch, kernel_switches):
     """Runs a test with GroupNorm's C++ kernels, then with its TensorFlow-op kernels (the
     fallback where the C++ ones cannot run); fails if another kernel set is used."""
     if request.param == "cpp":
-        if not ops.cpp_kernels_usable():
+        if not kernel_policy.cpp_kernels_available():
             pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
     else:
-        monkeypatch.setenv("GN_CPP_KERNELS", "0")
+        kernel_switches(cpp_kernels=False)
     group_norm_fast = gn_compute.fast
 
     def checked(inputs, gamma, beta, groups, epsilon, kernels):
@@ -624,7 +645,7 @@ def gn_kernels(request, monkeypatch):
 
 
 @pytest.mark.parametrize("shape,groups,policy,rtol", FAST_CASES)
-def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, gn_kernels, monkeypatch):
+def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, gn_kernels):
     """Outputs and the gradients of x, gamma and beta, relative to their largest value (bfloat16,
     float16: both paths compute in float32 and round the output to 8 / 11 significand bits)."""
     rng = np.random.default_rng(7)
@@ -632,11 +653,11 @@ def test_fast_group_norm_equals_plain_path(shape, groups, policy, rtol, gn_kerne
     gamma, beta = _random_affine(rng, shape[-1])
     dy = rng.standard_normal(shape).astype(np.float32)
     layer = _make_gn(groups, shape, gamma, beta, dtype=policy)
-    _assert_fast_path_equals_plain(layer, x, dy, rtol, monkeypatch)
+    _assert_fast_path_equals_plain(layer, x, dy, rtol)
 
 
 @pytest.mark.parametrize("policy,rtol", [("float32", 1e-5), ("mixed_bfloat16", 3e-2)])
-def test_fast_conv2d_equals_plain_path(policy, rtol, monkeypatch):
+def test_fast_conv2d_equals_plain_path(policy, rtol):
     """The patches path of a small map against TensorFlow's convolution: outputs and the
     gradients of x, kernel and bias, relative to their largest value. In bfloat16 the two paths
     round at different points; against a float32 convolution each is within 1.4 % of the largest
@@ -647,23 +668,26 @@ def test_fast_conv2d_equals_plain_path(policy, rtol, monkeypatch):
     layer.build(x.shape)
     layer.kernel.assign(0.05 * rng.standard_normal(layer.kernel.shape).astype(np.float32))
     layer.bias.assign(rng.standard_normal(16).astype(np.float32))
-    assert layer._small_map(tf.constant(x))
+    assert _conv_kernel(layer, tf.constant(x)) == "patches"
     dy = rng.standard_normal((3, 2, 2, 16)).astype(np.float32)
-    _assert_fast_path_equals_plain(layer, x, dy, rtol, monkeypatch)
+    _assert_fast_path_equals_plain(layer, x, dy, rtol)
 
 
-def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch):
+def test_gn_fast_ops_0_switches_the_fast_paths_off(monkeypatch, environment_switches):
+    """Layers built after the process read GN_FAST_OPS=0 take the plain ops; one built before
+    keeps its own switches."""
     def refuse(*args):
         raise AssertionError("fast path used")
     monkeypatch.setattr(gn_compute, "fast", refuse)
     monkeypatch.setattr(ops.Conv2D, "_patches_times_kernel", refuse)
-    layer, conv = ops.GroupNorm(4), ops.Conv2D(8, 4, strides=2)
+    fast_layer = ops.GroupNorm(4)
     x = tf.random.normal([2, 4, 4, 8])
-    with pytest.raises(AssertionError, match="fast path used"):
-        layer(x)
     for value in ("0", "false", "off"):
-        monkeypatch.setenv("GN_FAST_OPS", value)
+        assert not environment_switches(GN_FAST_OPS=value).fast_ops
+        layer, conv = ops.GroupNorm(4), ops.Conv2D(8, 4, strides=2)
         assert layer(x).shape == x.shape and conv(x).shape == (2, 2, 2, 8)
+    with pytest.raises(AssertionError, match="fast path used"):
+        fast_layer(x)
 
 
 def test_conv2d_keeps_tensorflows_convolution_where_a_gpu_is_visible(monkeypatch):
@@ -680,7 +704,7 @@ def test_conv2d_keeps_tensorflows_convolution_where_a_gpu_is_visible(monkeypatch
         [tf.config.LogicalDevice("/device:GPU:0", "GPU")] if kind == "GPU" else logical(kind)))
     np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
     assert patches == [1]
-    assert not ops.cpp_kernels_usable()
+    assert not kernel_policy.cpp_kernels_available()
 
 
 def _traced_values_and_gradients(layer, x, dy):
@@ -707,11 +731,11 @@ ONEDNN_CASES = [  # (input shape, filters, kernel size, strides, weight_std)
 
 @pytest.mark.parametrize("shape,filters,kernel_size,strides,weight_std", ONEDNN_CASES)
 def test_conv2d_onednn_gradients_equal_the_plain_path(shape, filters, kernel_size, strides,
-                                                      weight_std, monkeypatch):
+                                                      weight_std):
     """Large float32 convolutions take both gradients from TensorFlow's oneDNN ops: the same
     outputs and gradients of x, kernel and bias as TensorFlow's gradients (GN_FAST_OPS=0), to
     float32 rounding relative to each one's largest value."""
-    if not conv_kernels.onednn_gradients_usable():
+    if not conv_kernels.onednn_gradients_work():
         pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
     rng = np.random.default_rng(21)
     x = tf.constant(_random_input(rng, shape))
@@ -723,8 +747,8 @@ def test_conv2d_onednn_gradients_equal_the_plain_path(shape, filters, kernel_siz
     dy = tf.constant(rng.standard_normal((shape[0], out_size, out_size, filters)), tf.float32)
     fast, fast_ops = _traced_values_and_gradients(layer, x, dy)
     assert set(conv_kernels.BACKPROP_OPS) <= fast_ops
-    monkeypatch.setenv("GN_FAST_OPS", "0")
-    plain, plain_ops = _traced_values_and_gradients(layer, x, dy)
+    with ops.plain_ops():
+        plain, plain_ops = _traced_values_and_gradients(layer, x, dy)
     assert not set(conv_kernels.BACKPROP_OPS) & plain_ops
     for got, want in zip(fast, plain):
         assert np.max(np.abs(got - want)) <= 2e-5 * np.max(np.abs(want))
@@ -734,7 +758,7 @@ def test_conv2d_onednn_gradients_equal_the_plain_path(shape, filters, kernel_siz
 def resnet20_conv():
     """(layer, x, dy) of a batch-32 ResNet-20 3x3 conv, whose gradients run on oneDNN; skips
     where they cannot."""
-    if not conv_kernels.onednn_gradients_usable():
+    if not conv_kernels.onednn_gradients_work():
         pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
     x = tf.constant(_random_input(np.random.default_rng(23), (32, 32, 32, 16)))
     return ops.Conv2D(16, 3), x, tf.random.stateless_normal([32, 32, 32, 16], [5, 6])
@@ -752,17 +776,25 @@ def test_conv2d_onednn_gradients_are_bit_identical_call_after_call(resnet20_conv
 
 
 def test_conv2d_onednn_gradients_only_where_they_pay_off():
-    """Batch 32 of a ResNet-20 3x3 conv: yes; batch 2, a 3-channel input, an unknown batch: no."""
-    assert conv_kernels.pays_off((32, 32, 32, 16), (3, 3, 16, 16), (1, 1))
-    assert not conv_kernels.pays_off((2, 32, 32, 16), (3, 3, 16, 16), (1, 1))
-    assert not conv_kernels.pays_off((32, 32, 32, 3), (3, 3, 3, 64), (1, 1))
-    assert not conv_kernels.pays_off((None, 32, 32, 16), (3, 3, 16, 16), (1, 1))
-    assert conv_kernels.pays_off((32, 16, 16, 64), (4, 4, 64, 128), (2, 2))
+    """Batch 32 of a ResNet-20 3x3 conv: yes; batch 2, a 3-channel input, an unknown batch, a
+    bfloat16 input: no."""
+    if not conv_kernels.onednn_gradients_work():
+        pytest.skip("this TensorFlow has no usable oneDNN convolution gradients")
+
+    def chosen(input_shape, kernel_shape, strides, dtypes=(tf.float32, tf.float32)):
+        return kernel_policy.conv_kernel(kernel_policy.current(), tf.TensorShape(input_shape),
+                                         kernel_shape, strides, dtypes)
+    assert chosen((32, 32, 32, 16), (3, 3, 16, 16), (1, 1)) == "onednn"
+    assert chosen((2, 32, 32, 16), (3, 3, 16, 16), (1, 1)) == "tensorflow"
+    assert chosen((32, 32, 32, 3), (3, 3, 3, 64), (1, 1)) == "tensorflow"
+    assert chosen((None, 32, 32, 16), (3, 3, 16, 16), (1, 1)) == "tensorflow"
+    assert chosen((32, 16, 16, 64), (4, 4, 64, 128), (2, 2)) == "onednn"
+    assert chosen((32, 32, 32, 16), (3, 3, 16, 16), (1, 1), (tf.bfloat16,) * 2) == "tensorflow"
 
 
 @pytest.mark.parametrize("variable", ["GN_ONEDNN_CONV", "TF_ENABLE_ONEDNN_OPTS"])
-def test_switching_off_the_onednn_gradients(variable, monkeypatch):
-    monkeypatch.setenv(variable, "0")
+def test_switching_off_the_onednn_gradients(variable, environment_switches):
+    assert not environment_switches(**{variable: "0"}).onednn_conv
     x = tf.random.normal([32, 32, 32, 16])
     layer = ops.Conv2D(16, 3)
     _, op_types = _traced_values_and_gradients(layer, x, tf.ones([32, 32, 32, 16]))
@@ -787,7 +819,7 @@ def test_conv2d_onednn_gradients_in_eager_and_xla_compiled_gradients(resnet20_co
 
 def test_onednn_gradients_unusable_where_the_ops_are_missing(monkeypatch):
     monkeypatch.setattr(conv_kernels, "BACKPROP_OPS", ("_NoSuchOp", "_NorThisOne"))
-    assert conv_kernels._onednn_gradients_work.__wrapped__() is False
+    assert conv_kernels.onednn_gradients_work.__wrapped__() is False
 
 
 def _second_order_gradient(layer, x):
@@ -801,7 +833,7 @@ def _second_order_gradient(layer, x):
     return outer.gradient(penalty, x).numpy()
 
 
-def test_second_order_gradients(gn_kernels, monkeypatch):
+def test_second_order_gradients(gn_kernels):
     """The TensorFlow-op kernels give the plain path's second-order gradients; the C++ kernels
     refuse them with a message that says how to get them."""
     layer = ops.GroupNorm(4)
@@ -811,8 +843,8 @@ def test_second_order_gradients(gn_kernels, monkeypatch):
             _second_order_gradient(layer, x)
         return
     fast = _second_order_gradient(layer, x)
-    monkeypatch.setenv("GN_FAST_OPS", "0")
-    plain = _second_order_gradient(layer, x)
+    with ops.plain_ops():
+        plain = _second_order_gradient(layer, x)
     assert np.max(np.abs(fast - plain)) <= 1e-5 * np.max(np.abs(plain))
 
 

@@ -268,6 +268,8 @@ def test_console_shows_only_our_lines_and_verbose_shows_tensorflows(tmp_path):
     assert verbose.returncode == 0, verbose.stderr
     assert "oneDNN custom operations are on" in verbose.stderr
     assert "remapper failed" not in verbose.stderr
+    kernel_lines = [line for line in verbose.stderr.splitlines() if " kernels: GroupNorm " in line]
+    assert len(kernel_lines) == 1 and "kernels:" not in quiet.stderr
 
 
 def test_group_norm_accumulated_small_batches_equal_one_large_batch():
