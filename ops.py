@@ -18,6 +18,7 @@ layer runs is decided by kernels/policy.py, from the switches in force when the 
 constructed (GN_FAST_OPS=0, GN_CPP_KERNELS=0, GN_ONEDNN_CONV=0 in the environment, or
 `policy.using(...)`); `plain_ops()` makes everything traced inside it plain.
 """
+import functools
 import numbers
 
 import keras
@@ -239,14 +240,32 @@ class BatchNorm(keras.layers.BatchNormalization):
     the input dtype (the kernel takes bfloat16 / float16 activations with float32 parameters and
     statistics), the variables are float32 under mixed policies, and the output has the
     compute dtype.
+
+    Args (beyond Keras's):
+        ghost_batch_size: in training, normalize each consecutive slice of this many examples
+            of the batch by its own statistics ("ghost batches", Hoffer et al. 2017), as if the
+            slices had been separate calls: one pass over 8 ghost batches of 2 computes what 8
+            passes of 2 examples compute. The moving statistics end as those 8 calls would
+            leave them (their exponential averages in closed form). None: the whole batch.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, ghost_batch_size=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.ghost_batch_size = ghost_batch_size
         self._switches = policy.current()
+
+    def get_config(self):
+        """Keras's configuration, with ghost_batch_size only when it is set."""
+        config = super().get_config()
+        if self.ghost_batch_size:
+            config["ghost_batch_size"] = self.ghost_batch_size
+        return config
 
     def call(self, inputs, training=None, mask=None):
         learning = bool(training and self.trainable)
+        ghosts = self._ghost_batches(inputs, learning)
+        if ghosts > 1:
+            return self._call_on_ghost_batches(inputs, ghosts, mask)
         kernel = policy.batch_norm_kernel(policy.at_call(self._switches), inputs, learning,
                                           plain_layer=self._keras_only(inputs, mask))
         if kernel == "keras":
@@ -271,6 +290,36 @@ class BatchNorm(keras.layers.BatchNormalization):
         return (self.synchronized or self.renorm or mask is not None or inputs.shape.rank != 4
                 or self.axis not in (-1, 3))
 
+    def _ghost_batches(self, inputs, learning):
+        """How many ghost batches this call normalizes separately: 1 unless training with a
+        ghost_batch_size that the batch exceeds."""
+        batch = inputs.shape[0]
+        if not (learning and self.ghost_batch_size and batch):
+            return 1
+        if batch % self.ghost_batch_size:
+            raise ValueError(f"a batch of {batch} examples does not split into ghost batches of "
+                             f"{self.ghost_batch_size}")
+        return batch // self.ghost_batch_size
+
+    def _call_on_ghost_batches(self, inputs, ghosts, mask):
+        """Training over `ghosts` ghost batches, each one example of GN with one group per
+        channel: on GroupNorm's kernels, or as plain ops (kernels/policy.py)."""
+        if mask is not None or self.synchronized or self.renorm or \
+                self.axis not in (-1, inputs.shape.rank - 1):
+            raise ValueError("ghost batches need a channels-last input without a mask, "
+                             "synchronized or renorm")
+        scale, offset = self._scale_and_offset(inputs.shape[-1])
+        kernel = policy.ghost_batch_norm_kernel(policy.at_call(self._switches), inputs)
+        normalize = (_plain_batch_norm_over_ghost_batches if kernel == "plain" else
+                     functools.partial(_batch_norm_over_ghost_batches,
+                                       kernel_pair=GHOST_BATCH_KERNELS[kernel]))
+        outputs, means, variances = normalize(inputs, scale, offset, self.epsilon, ghosts)
+        for variable, statistics in ((self.moving_mean, means),
+                                     (self.moving_variance, variances)):
+            variable.assign(_moving_average_after(tf.cast(variable, tf.float32), statistics,
+                                                  self.momentum))
+        return tf.cast(outputs, self.compute_dtype)
+
     def _scale_and_offset(self, channels):
         """gamma and beta as float32, or the ones and zeros the kernel needs in their place when
         `scale` or `center` is off."""
@@ -291,6 +340,38 @@ def _batch_norm_on_group_norm_kernel(x, scale, offset, epsilon):
         gn_compute.CPP_KERNELS)
     variance = tf.maximum(tf.reshape(1.0 / tf.square(rstd), [channels]) - epsilon, 0.0)
     return tf.reshape(outputs, tf.shape(x)), tf.reshape(mean, [channels]), variance
+
+
+def _batch_norm_over_ghost_batches(x, scale, offset, epsilon, ghosts, kernel_pair):
+    """(output, mean [ghosts, C], biased variance [ghosts, C]) of batch norm in training over
+    `ghosts` consecutive equal slices of the batch, each normalized by its own statistics: GN of
+    `ghosts` examples of (batch / ghosts) x positions, one group per channel."""
+    channels = x.shape[-1]
+    outputs, mean, rstd = gn_compute.fast_with_statistics(
+        tf.reshape(x, [ghosts, -1, channels]), scale, offset, channels, epsilon, kernel_pair)
+    variance = tf.maximum(tf.reshape(1.0 / tf.square(rstd), [ghosts, channels]) - epsilon, 0.0)
+    return tf.reshape(outputs, tf.shape(x)), tf.reshape(mean, [ghosts, channels]), variance
+
+
+def _plain_batch_norm_over_ghost_batches(x, scale, offset, epsilon, ghosts):
+    """`_batch_norm_over_ghost_batches` in plain TensorFlow ops, differentiated by autodiff."""
+    channels = x.shape[-1]
+    grouped = tf.reshape(tf.cast(x, tf.float32), [ghosts, -1, channels])
+    mean, variance = tf.nn.moments(grouped, axes=[1], keepdims=True)
+    outputs = tf.nn.batch_normalization(grouped, mean, variance, offset, scale, epsilon)
+    return (tf.reshape(outputs, tf.shape(x)), tf.reshape(mean, [ghosts, channels]),
+            tf.reshape(variance, [ghosts, channels]))
+
+
+GHOST_BATCH_KERNELS = {"cpp": gn_compute.CPP_KERNELS, "tf_ops": gn_compute.TF_KERNELS}
+
+
+def _moving_average_after(moving, statistics, momentum):
+    """The exponential moving average after one update per row of `statistics`, in order:
+    m_k = momentum^k m_0 + (1 - momentum) sum_j momentum^(k - j) s_j (j = 1..k)."""
+    ghosts = statistics.shape[0]
+    weights = tf.constant([momentum ** (ghosts - j) for j in range(1, ghosts + 1)], tf.float32)
+    return momentum ** ghosts * moving + (1.0 - momentum) * tf.tensordot(weights, statistics, 1)
 
 
 def _fused_batch_norm_training(x, scale, offset, epsilon):

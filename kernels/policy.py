@@ -3,7 +3,8 @@
     op                     implementations, fastest first
     GroupNorm              cpp (kernels/group_norm.cc), tf_ops_xla, tf_ops (closed-form backward
                            as TensorFlow ops, XLA-compiled or not), plain (autodiff)
-    BatchNorm in training  cpp (GroupNorm's kernels), fused (FusedBatchNormV3), keras
+    BatchNorm in training  cpp (GroupNorm's kernels), fused (FusedBatchNormV3), keras; over
+                           ghost batches: cpp, tf_ops, plain
     BatchNorm otherwise    fused, keras
     Conv2D                 patches (a product of gathered patches, on small maps), onednn
                            (TensorFlow's oneDNN gradient kernels, on large convolutions),
@@ -200,6 +201,14 @@ def _batch_norm_cpp_pays(inputs):
     magnified by 1 / sqrt(epsilon)."""
     size, channels = inputs.shape.num_elements(), inputs.shape[-1]
     return size is not None and channels < size <= THRESHOLDS["batch_norm_cpp_max_values"]
+
+
+def ghost_batch_norm_kernel(switches, inputs):
+    """'cpp', 'tf_ops' or 'plain' for BatchNorm in training over ghost batches (each ghost
+    batch one example of GroupNorm's kernels, a group per channel)."""
+    if not switches.fast_ops:
+        return "plain"
+    return "cpp" if cpp_kernels_run(switches, inputs.dtype) else "tf_ops"
 
 
 def conv_kernel(switches, input_shape, kernel_shape, strides, dtypes):

@@ -403,3 +403,74 @@ def test_replicas_use_their_own_batch_and_update_as_keras_does():
                              text=True, timeout=300,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert process.returncode == 0 and process.stdout.strip() == "ok", process.stderr[-3000:]
+
+
+# Ghost batches ------------------------------------------------------------------------------------
+
+def _ghost_and_separate(shape, ghost_batch_size, seed=0):
+    """A BN layer over ghost batches of `ghost_batch_size` and one without, with the same
+    weights and moving statistics (non-trivial ones, so their averaging shows)."""
+    rng = np.random.default_rng(seed)
+    channels = shape[-1]
+    layers = []
+    for ghost in (ghost_batch_size, None):
+        layer = ops.BatchNorm(momentum=0.9, epsilon=1e-5, ghost_batch_size=ghost)
+        layer.build(shape)
+        layers.append(layer)
+    for values in zip(*(layer.weights for layer in layers)):
+        initial = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+        for variable in values:
+            variable.assign(initial)
+    return layers
+
+
+@pytest.mark.parametrize("kernels", ["cpp", "tensorflow"])
+def test_ghost_batches_compute_what_separate_calls_compute(kernels, monkeypatch):
+    """One call over 4 ghost batches of 2 == 4 calls of 2 examples, one after another: the
+    outputs, the input and parameter gradients, and the moving statistics they leave."""
+    if kernels == "tensorflow":
+        monkeypatch.setenv("GN_CPP_KERNELS", "0")
+    shape = (8, 5, 5, 16)
+    ghosted, separate = _ghost_and_separate(shape, 2)
+    x = _input(shape)
+    upstream = _input(shape, seed=2)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        outputs = ghosted(x, training=True)
+        loss = tf.reduce_sum(outputs * upstream)
+    got_gradients = tape.gradient(loss, [x, ghosted.gamma, ghosted.beta])
+    expected_outputs, expected_gradients = [], [0.0, 0.0, 0.0]
+    for start in range(0, shape[0], 2):
+        piece = x[start:start + 2]
+        with tf.GradientTape() as tape:
+            tape.watch(piece)
+            output = separate(piece, training=True)
+            loss = tf.reduce_sum(output * upstream[start:start + 2])
+        gradient = tape.gradient(loss, [piece, separate.gamma, separate.beta])
+        expected_outputs.append(output)
+        expected_gradients[0] = gradient[0] if start == 0 else tf.concat(
+            [expected_gradients[0], gradient[0]], 0)
+        expected_gradients[1] += gradient[1]
+        expected_gradients[2] += gradient[2]
+    np.testing.assert_allclose(outputs, tf.concat(expected_outputs, 0), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(got_gradients, expected_gradients):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    for got, expected in ((ghosted.moving_mean, separate.moving_mean),
+                          (ghosted.moving_variance, separate.moving_variance)):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_ghost_batches_leave_inference_and_whole_batches_alone():
+    """In inference the moving statistics normalize, whatever the ghost batch size; a batch no
+    larger than it is one ghost batch; and the configuration round-trips."""
+    shape = (4, 3, 3, 8)
+    ghosted, separate = _ghost_and_separate(shape, 4)
+    x = _input(shape)
+    np.testing.assert_array_equal(ghosted(x, training=False), separate(x, training=False))
+    np.testing.assert_allclose(ghosted(x, training=True), separate(x, training=True), atol=1e-6)
+    config = ghosted.get_config()
+    assert config["ghost_batch_size"] == 4
+    assert ops.BatchNorm.from_config(config).ghost_batch_size == 4
+    assert "ghost_batch_size" not in separate.get_config()
+    with pytest.raises(ValueError, match="does not split into ghost batches of 3"):
+        ops.BatchNorm(ghost_batch_size=3)(x, training=True)
