@@ -16,11 +16,13 @@ def default_model(image_size):
 
 
 def build_model(name, input_shape, num_classes, norm_type, groups=ops.DEFAULT_GROUPS,
-                weight_std=False, dropout=0.5, channels_per_group=None, zero_init_residual=False):
+                weight_std=False, dropout=0.5, channels_per_group=None, zero_init_residual=False,
+                ghost_batch_size=None):
     """The `--model` network for images of `input_shape` (H, W, C); raises ValueError on a bad
     name, on a channel count that `groups` (or `channels_per_group`, which replaces it) does not
     divide, and on `zero_init_residual` (the scale of each residual block's last norm starts at
-    0) for a net without residual blocks or norm."""
+    0) for a net without residual blocks or norm. `ghost_batch_size`: BN's examples per
+    statistic in training, when a call holds several such batches."""
     builders = {"conv": conv_net, "resnet": resnet, "resnet20": resnet20}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
@@ -29,7 +31,7 @@ def build_model(name, input_shape, num_classes, norm_type, groups=ops.DEFAULT_GR
                          f"choose one of {', '.join(RESIDUAL_MODELS)}")
     inputs = keras.Input(shape=input_shape, name="images")
     norm = dict(norm_type=norm_type, groups=groups, channels_per_group=channels_per_group,
-                weight_std=weight_std)
+                weight_std=weight_std, ghost_batch_size=ghost_batch_size)
     logits = builders[name](inputs, num_classes, norm, dropout, zero_init_residual)
     if logits.dtype != "float32":  # a mixed-precision policy: the softmax and loss in float32
         logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
@@ -49,7 +51,8 @@ def conv_net(x, num_classes, norm, dropout, zero_init_residual):
                        use_bias=True, name=f"conv{i}")
         x = ops.LeakyReLU(0.2, name=f"conv{i}_act")(x)
         x = ops.norm(x, norm["norm_type"], norm["groups"], name=f"conv{i}_norm",
-                     channels_per_group=norm["channels_per_group"])
+                     channels_per_group=norm["channels_per_group"],
+                     ghost_batch_size=norm["ghost_batch_size"])
         x = keras.layers.Dropout(dropout, name=f"conv{i}_dropout")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate((512, 128, 32)):

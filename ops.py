@@ -535,12 +535,13 @@ def _leaky_relu(inputs, negative_slope):
 
 
 def norm_layer(norm_type, channels, groups=DEFAULT_GROUPS, name=None, channels_per_group=None,
-               gamma_initializer="ones"):
+               gamma_initializer="ones", ghost_batch_size=None):
     """The layer for a `--norm_type` value, for an input with `channels` channels. GN takes
-    `channels_per_group` instead of `groups` when it is given."""
+    `channels_per_group` instead of `groups` when it is given; BN normalizes ghost batches of
+    `ghost_batch_size` examples in training when it is given (the other norms need no batch)."""
     if norm_type in ("batch", "sync_batch"):
         return BatchNorm(momentum=0.9, epsilon=1e-5, name=name, gamma_initializer=gamma_initializer,
-                         synchronized=norm_type == "sync_batch")
+                         synchronized=norm_type == "sync_batch", ghost_batch_size=ghost_batch_size)
     group_counts = {"group": None if channels_per_group else groups, "layer": 1,
                     "instance": channels}
     if norm_type in group_counts:
@@ -569,7 +570,8 @@ def fc(x, units, activation=None, name=None):
 
 
 def conv_norm_act(x, filters, norm_type, groups, weight_std, kernel_size=3, strides=1,
-                  activation="relu", name=None, channels_per_group=None, zero_gamma=False):
+                  activation="relu", name=None, channels_per_group=None, zero_gamma=False,
+                  ghost_batch_size=None):
     """conv -> norm -> activation, the unit of the residual nets; `zero_gamma` starts the norm's
     scale at 0 (with norm_type none, where there is no scale, it is refused)."""
     if zero_gamma and norm_type == "none":
@@ -577,19 +579,20 @@ def conv_norm_act(x, filters, norm_type, groups, weight_std, kernel_size=3, stri
     x = conv2d(x, filters, kernel_size, strides, weight_std, use_bias=norm_type == "none",
                name=f"{name}_conv")
     x = norm(x, norm_type, groups, name=f"{name}_norm", channels_per_group=channels_per_group,
-             gamma_initializer="zeros" if zero_gamma else "ones")
+             gamma_initializer="zeros" if zero_gamma else "ones",
+             ghost_batch_size=ghost_batch_size)
     return keras.layers.Activation(activation, name=f"{name}_act")(x) if activation else x
 
 
 def residual_block(x, filters, norm_type, groups=DEFAULT_GROUPS, weight_std=False, strides=1,
-                   name=None, channels_per_group=None, zero_init=False):
+                   name=None, channels_per_group=None, zero_init=False, ghost_batch_size=None):
     """The basic residual block of He et al. 2016: two 3x3 conv-norm units and a shortcut that is
     the identity, or a 1x1 conv + norm where the shape changes. `zero_init` starts the scale of
     the second unit's norm at 0, so that the block begins as its shortcut (Goyal et al. 2017;
     the GN paper's recipe)."""
     shortcut = x
     options = dict(norm_type=norm_type, groups=groups, weight_std=weight_std,
-                   channels_per_group=channels_per_group)
+                   channels_per_group=channels_per_group, ghost_batch_size=ghost_batch_size)
     if strides != 1 or x.shape[-1] != filters:
         shortcut = conv_norm_act(x, filters, kernel_size=1, strides=strides, activation=None,
                                  name=f"{name}_shortcut", **options)

@@ -17,7 +17,7 @@ DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
 # network, the data and how it is batched, the optimizer and its schedule, the precision.
 RUN_FLAGS = ("model", "norm_type", "groups", "channels_per_group", "weight_std", "dropout",
              "zero_init_residual", "dataset", "data_dir", "augment", "seed", "batch_size",
-             "max_batch_size", "no_accumulate", "optimizer", "learning_rate", "lr_schedule",
+             "max_batch_size", "pass_size", "no_accumulate", "optimizer", "learning_rate", "lr_schedule",
              "warmup_steps", "weight_decay", "precision")
 # Flags that size GN's groups together: passing one passes both.
 GROUP_SIZE_FLAGS = ("groups", "channels_per_group")
@@ -63,6 +63,12 @@ def build_parser(**options):
     learn.add_argument("--max_batch_size", type=int, default=64,
                        help="examples per update: the gradients of max_batch_size / (batch_size "
                             "x replicas) passes are accumulated (default: %(default)s)")
+    learn.add_argument("--pass_size", type=pass_size_value, default=None, metavar="P",
+                       help="examples of one forward-backward pass per replica: a multiple of "
+                            "--batch_size that divides the update's share of a replica, or max "
+                            "(all of it). BN normalizes each --batch_size of them by their own "
+                            "statistics (ghost batches), so one pass of P computes what P / "
+                            "batch_size passes do, in less time (default: --batch_size)")
     learn.add_argument("--no_accumulate", "--no_adjust_learning_rate", action="store_true",
                        help="one update per pass (batch_size x replicas examples) instead, "
                             "no accumulation (--no_adjust_learning_rate: the 2018 repo's name)")
@@ -124,6 +130,16 @@ def build_parser(**options):
                            "(default: %(default)s)")
     util.add_verbose_flag(logs, also=", and the kernels each op runs (kernels/policy.py)")
     return parser
+
+
+def pass_size_value(text):
+    """--pass_size: a positive number of examples, or max."""
+    if text == "max":
+        return text
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number of examples nor "
+                                         "max")
+    return int(text)
 
 
 def add_device_flags(parser):

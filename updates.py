@@ -19,12 +19,29 @@ from kernels import optimizers
 from util import UsageError
 
 
+def pass_size(config, replicas):
+    """The examples of one replica's forward-backward pass: --pass_size (max: the replica's share
+    of the update), by default --batch_size."""
+    if config.pass_size is None:
+        return config.batch_size
+    size = (max(config.max_batch_size // replicas, config.batch_size)
+            if config.pass_size == "max" else config.pass_size)
+    if size % config.batch_size:
+        raise UsageError(f"--pass_size {config.pass_size} is not a multiple of --batch_size "
+                         f"{config.batch_size} — pass a multiple of it, or leave --pass_size out")
+    return size
+
+
 def passes_per_update(config, replicas):
-    """Forward passes over all replicas per update: max_batch_size / (batch_size x replicas),
-    or 1 when accumulation is off or one pass holds max_batch_size examples already."""
-    per_pass = config.batch_size * replicas
+    """Forward passes over all replicas per update: max_batch_size / (pass size x replicas), or
+    1 when accumulation is off or one pass holds max_batch_size examples already."""
+    per_pass = pass_size(config, replicas) * replicas
     if config.no_accumulate or per_pass >= config.max_batch_size:
         return 1
+    if config.pass_size is not None and config.max_batch_size % per_pass:
+        raise UsageError(f"--pass_size {config.pass_size} does not divide updates of "
+                         f"--max_batch_size {config.max_batch_size} over {replicas} replica(s) — "
+                         "pass a --pass_size that does, or max, or leave it out")
     if config.max_batch_size % per_pass:
         fitting = [str(b) for b in range(1, config.max_batch_size // replicas + 1)
                    if config.max_batch_size % (b * replicas) == 0]
@@ -37,14 +54,16 @@ def passes_per_update(config, replicas):
     return config.max_batch_size // per_pass
 
 
-def build_model(config, data):
-    """The `--model` network for this dataset; a bad --groups or --channels_per_group becomes a
-    one-line error."""
+def build_model(config, data, examples_per_pass):
+    """The `--model` network for this dataset, its BN normalizing ghost batches of --batch_size
+    when a replica's pass holds more (`examples_per_pass`); a bad --groups or
+    --channels_per_group becomes a one-line error."""
+    ghost_batch_size = config.batch_size if examples_per_pass > config.batch_size else None
     try:
         return model_lib.build_model(config.model, data.image_shape, data.num_classes,
                                      config.norm_type, config.groups, config.weight_std,
                                      config.dropout, config.channels_per_group,
-                                     config.zero_init_residual)
+                                     config.zero_init_residual, ghost_batch_size)
     except ValueError as error:
         flag = "--groups" if config.channels_per_group is None else "--channels_per_group"
         raise UsageError(f"{error}, and pass it as {flag}") from None
@@ -112,17 +131,18 @@ class Updater:
         self.data = data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.share = distribution.input_share(self.strategy)
-        self.examples_per_pass = config.batch_size * self.share.replicas
+        self.pass_size = pass_size(config, self.share.replicas)  # a replica's
+        self.examples_per_pass = self.pass_size * self.share.replicas
         self.passes = passes_per_update(config, self.share.replicas)
         with self.strategy.scope():
-            self.model = build_model(config, data)
+            self.model = build_model(config, data, self.pass_size)
             check_statistics(config, self.model, self.share.replicas)
             self.optimizer = build_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self.forward_backward = (tf.function(self.loss_and_gradients, jit_compile=True)
                                  if config.jit_compile else self.loss_and_gradients)
-        self.train_iterator = iter(input_ops.train_dataset(data, config.batch_size, config.seed,
+        self.train_iterator = iter(input_ops.train_dataset(data, self.pass_size, config.seed,
                                                            config.augment, self.share))
         eval_batch = max(config.batch_size, config.max_batch_size)
         self.test_iterator = iter(input_ops.test_sample_dataset(data, eval_batch, config.seed))
@@ -145,8 +165,10 @@ class Updater:
     def describe_batches(self):
         """E.g. '2 replicas x 4 examples, 2 passes per update = 16 examples per update'."""
         replicas, passes = self.share.replicas, self.passes
-        return (f"{replicas} replica{'s' if replicas > 1 else ''} x {self.config.batch_size} "
-                f"examples, {passes} pass{'es' if passes > 1 else ''} per update = "
+        ghosts = (f" (ghost batches of {self.config.batch_size})"
+                  if self.pass_size > self.config.batch_size else "")
+        return (f"{replicas} replica{'s' if replicas > 1 else ''} x {self.pass_size} "
+                f"examples{ghosts}, {passes} pass{'es' if passes > 1 else ''} per update = "
                 f"{self.examples_per_update} examples per update")
 
     @tf.function
