@@ -54,6 +54,9 @@ def test_group_norm_ignores_the_split():
     (["--batch_size", "4", "--pass_size", "6"],
      "--pass_size 6 is not a multiple of --batch_size 4 — pass a multiple of it, or leave "
      "--pass_size out"),
+    (["--batch_size", "4", "--pass_size", "8", "--norm_type", "sync_batch"],
+     "--norm_type sync_batch takes its statistics over the replicas' batches and has no ghost "
+     "batches — leave --pass_size out, or use --norm_type batch"),
     (["--batch_size", "4", "--max_batch_size", "64", "--pass_size", "24"],
      "--pass_size 24 does not divide updates of --max_batch_size 64 over 1 replica(s) — pass a "
      "--pass_size that does, or max, or leave it out"),
