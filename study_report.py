@@ -184,6 +184,11 @@ def protocol_paragraph(protocol, rows, config, seeds):
                    "normalization statistic, and the gradients of max_batch_size / batch "
                    "batches are accumulated per update, so every cell sees the same examples "
                    "per update and in all")
+    if config.get("pass_size"):
+        size = config["pass_size"]
+        examples = "its whole share of an update" if size == "max" else f"{size} examples"
+        updates += (f"; a replica computes {examples} in one pass (--pass_size {size}), BN "
+                    "taking its statistics over each batch within it (ghost batches)")
     # model.py's resnet20 has no dropout layer, whatever --dropout says.
     dropout = "no dropout" if config["model"] == "resnet20" else f"dropout {config['dropout']}"
     rate = "" if protocol["name"] == "paper" else f" {config['learning_rate']}"
@@ -235,11 +240,13 @@ def groups_text(rows, config):
 
 
 def protocol_title(protocol, config):
-    """The protocol in a figure title."""
+    """The protocol in a figure title, and the ghost batches where a pass holds several."""
+    ghosts = f", passes of {config['pass_size']}" if config.get("pass_size") else ""
     if protocol["name"] == "paper":
         return (f"paper's protocol ({protocol['devices_per_update']} x batch per update, "
-                f"{epochs_text(protocol)})")
-    return f"fixed update ({config['max_training_step']} x {config['max_batch_size']} examples)"
+                f"{epochs_text(protocol)}){ghosts}")
+    return (f"fixed update ({config['max_training_step']} x {config['max_batch_size']} "
+            f"examples){ghosts}")
 
 
 def epochs_text(protocol):
