@@ -19,6 +19,9 @@ Sections:
            torch is importable, the same step of `conv` and `resnet20` rebuilt in PyTorch
            (benchmarks/torch_step.py, in its own process right after ours) and our time /
            PyTorch's
+  ghost    trainer.py's update of 64 examples on the sample at batch 2 and 1, conv and resnet20
+           with BN and GN: one pass of all 64 (--pass_size max; BN over ghost batches) over
+           one pass per batch, one after another (the default)
   input    the tf.data pipeline from an HDF5 file: images/s, and the fraction of a training step
            spent waiting for input
   convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
@@ -64,7 +67,7 @@ import updates  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
 from kernels import optimizers, policy  # noqa: E402
 
-SECTIONS = ("norm", "step", "input", "convert", "scale", "memory")
+SECTIONS = ("norm", "step", "ghost", "input", "convert", "scale", "memory")
 NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
 GROUPS = 32
 MODELS = {"conv": (32, 3, 32), "resnet20": (32, 3, 8), "resnet": (64, 3, 32)}  # size, C, GN G
@@ -81,6 +84,10 @@ TARGETS = {  # key: (what is measured, the largest value that meets the target)
     "step_over_forward": ("train step / forward-only, conv, batch 32", 6.0),
     "step_over_torch": ("train step / PyTorch's, conv and resnet20, BN and GN, batch 2 and 32 "
                         "(worst)", 1.0),
+    "one_pass_at_batch_2": ("update of 64 at batch 2, --pass_size max / one pass per batch, "
+                            "conv and resnet20, BN and GN (worst)", 0.35),
+    "one_pass_at_batch_1": ("update of 64 at batch 1, --pass_size max / one pass per batch, "
+                            "conv and resnet20, BN and GN (worst)", 0.2),
     "input_wait": ("input wait fraction, 32x32x3 crop+flip", 0.05),
     "peak_memory": ("peak RSS / (1.5 x data + footprint), Tiny-ImageNet-sized file", 1.0),
     "seconds_to_first_update": ("seconds from the HDF5 read to the first update, "
@@ -396,6 +403,42 @@ def bench_convert():
         return {"seconds": time.perf_counter() - start, "images": 70_000}
 
 
+# Ghost batches ---------------------------------------------------------------------------------
+
+GHOST_BATCHES = (2, 1)
+
+
+def bench_ghost(rounds, seconds):
+    tf.get_logger().setLevel("ERROR")  # not a warning for each trainer's own trace of train_step
+    _, data = input_ops.load("sample", "./datasets")
+    rows = []
+    for model_name in ("conv", "resnet20"):
+        for norm_type in ("batch", "group"):
+            for batch_size in GHOST_BATCHES:
+                release_previous()
+                flags = ["--batch_size", str(batch_size), "--max_batch_size", "64"]
+                candidates = {
+                    "per batch": trainer_update(model_name, norm_type, flags, None, data),
+                    "one pass": trainer_update(model_name, norm_type,
+                                               [*flags, "--pass_size", "max"], None, data)}
+                times = time_rounds(candidates, rounds, seconds)
+                ms = {name: 1000 * t for name, t in median(times).items()}
+                rows.append({"model": model_name, "norm": norm_type, "batch": batch_size,
+                             "per_batch_ms": ms["per batch"], "one_pass_ms": ms["one pass"],
+                             "one_pass_over_per_batch": ratio(times, ["one pass"],
+                                                              ["per batch"])})
+    return rows
+
+
+def print_ghost(rows):
+    print("trainer.py's update of 64 examples: one pass per batch against one pass of all 64")
+    print(f"  {'model':10}{'norm':>7}{'batch':>7}{'per batch ms':>14}{'one pass ms':>13}"
+          f"{'ratio':>8}")
+    for row in rows:
+        print(f"  {row['model']:10}{row['norm']:>7}{row['batch']:>7}{row['per_batch_ms']:>14.1f}"
+              f"{row['one_pass_ms']:>13.1f}{row['one_pass_over_per_batch']:>7.2f}x")
+
+
 # Devices, precision, XLA -----------------------------------------------------------------------
 
 # name: (trainer flags, whether it runs on the 2-device strategy); "1 device" is the reference.
@@ -405,7 +448,7 @@ SCALE_SETUPS = {"1 device": (["--batch_size", "32"], False),
                 "jit_compile": (["--batch_size", "32", "--jit_compile"], False)}
 
 
-def scale_step(model_name, norm_type, flags, strategy, data):
+def trainer_update(model_name, norm_type, flags, strategy, data):
     """updates.Updater's train_step (input, passes, all-reduce, update) on `data`."""
     config = train_flags.parse_args(["--model", model_name, "--norm_type", norm_type,
                                      "--groups", "8", "--max_batch_size", "32", *flags])
@@ -425,7 +468,7 @@ def bench_scale(two_devices, rounds, seconds):
     for model_name in ("conv", "resnet20"):
         for norm_type in ("batch", "group"):
             release_previous()
-            candidates = {name: scale_step(model_name, norm_type, flags,
+            candidates = {name: trainer_update(model_name, norm_type, flags,
                                            two_devices if on_two else None, data)
                           for name, (flags, on_two) in SCALE_SETUPS.items()}
             times = time_rounds(candidates, rounds, seconds)
@@ -533,6 +576,11 @@ def target_values(results):
                               ("step_over_torch", over_torch)):
             if measured:
                 values[key] = max(measured)
+    for batch_size in GHOST_BATCHES:
+        ratios = [row["one_pass_over_per_batch"] for row in results.get("ghost", [])
+                  if row["batch"] == batch_size]
+        if ratios:
+            values[f"one_pass_at_batch_{batch_size}"] = max(ratios)
     if "input" in results:
         values["input_wait"] = results["input"][-1]["wait_fraction"]
     if "memory" in results:
@@ -573,12 +621,14 @@ def main(argv=None):
     runners = {
         "norm": lambda: bench_norm(rounds, seconds),
         "step": lambda: bench_step(args.models, rounds, seconds),
+        "ghost": lambda: bench_ghost(rounds, seconds),
         "input": lambda: bench_input(20 if args.quick else 100, rounds, seconds),
         "convert": bench_convert,
         "scale": lambda: bench_scale(two_devices, rounds, seconds),
         "memory": bench_memory,
     }
-    printers = {"norm": print_norm, "step": print_step, "input": print_input,
+    printers = {"norm": print_norm, "step": print_step, "ghost": print_ghost,
+                "input": print_input,
                 "convert": lambda r: print(f"HDF5 conversion of {r['images']:,} 28x28 images: "
                                            f"{r['seconds']:.2f} s"),
                 "scale": print_scale, "memory": print_memory}

@@ -424,14 +424,17 @@ def _ghost_and_separate(shape, ghost_batch_size, seed=0):
     return layers
 
 
-@pytest.mark.parametrize("kernels", ["cpp", "tensorflow"])
-def test_ghost_batches_compute_what_separate_calls_compute(kernels, monkeypatch):
+@pytest.mark.parametrize("kernel", ["cpp", "tf_ops", "plain"])
+def test_ghost_batches_compute_what_separate_calls_compute(kernel, kernel_switches):
     """One call over 4 ghost batches of 2 == 4 calls of 2 examples, one after another: the
     outputs, the input and parameter gradients, and the moving statistics they leave."""
-    if kernels == "tensorflow":
-        monkeypatch.setenv("GN_CPP_KERNELS", "0")
+    if kernel == "cpp" and not kernel_policy.cpp_kernels_available():
+        pytest.skip("the C++ kernels cannot be built here (see tests/test_kernels.py)")
+    kernel_switches(**{"cpp": {}, "tf_ops": {"cpp_kernels": False},
+                       "plain": {"fast_ops": False}}[kernel])
     shape = (8, 5, 5, 16)
     ghosted, separate = _ghost_and_separate(shape, 2)
+    assert kernel_policy.ghost_batch_norm_kernel(ghosted._switches, _input(shape)) == kernel
     x = _input(shape)
     upstream = _input(shape, seed=2)
     with tf.GradientTape(persistent=True) as tape:
