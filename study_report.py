@@ -241,7 +241,9 @@ def groups_text(rows, config):
 
 def protocol_title(protocol, config):
     """The protocol in a figure title, and the ghost batches where a pass holds several."""
-    ghosts = f", passes of {config['pass_size']}" if config.get("pass_size") else ""
+    size = config.get("pass_size")
+    ghosts = "" if not size else (", ghost batches, one pass per update" if size == "max" else
+                                  f", ghost batches, passes of {size}")
     if protocol["name"] == "paper":
         return (f"paper's protocol ({protocol['devices_per_update']} x batch per update, "
                 f"{epochs_text(protocol)}){ghosts}")

@@ -29,6 +29,10 @@ def pass_size(config, replicas):
     if size % config.batch_size:
         raise UsageError(f"--pass_size {config.pass_size} is not a multiple of --batch_size "
                          f"{config.batch_size} — pass a multiple of it, or leave --pass_size out")
+    if size > config.batch_size and config.no_accumulate:
+        raise UsageError("--no_accumulate makes every update one batch of --batch_size, which "
+                         "leaves nothing to pass at once — leave --pass_size out, or drop "
+                         "--no_accumulate")
     if size > config.batch_size and config.norm_type == "sync_batch":
         raise UsageError("--norm_type sync_batch takes its statistics over the replicas' batches "
                          "and has no ghost batches — leave --pass_size out, or use --norm_type "

@@ -1,10 +1,14 @@
 """--pass_size: a pass of several --batch_size batches computes what as many passes compute, BN
 normalizing each batch by its own statistics (ghost batches)."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import input_ops
+import study
+import study_report
 import train_flags
 import updates
 from test_train_eval import cli_error
@@ -41,11 +45,11 @@ def test_batch_norm_over_ghost_batches_trains_as_separate_passes():
 
 
 def test_group_norm_ignores_the_split():
-    """GN at batch 1 with --pass_size max makes one pass of the whole update, as batch 8 does."""
-    common = ["--norm_type", "group", "--max_batch_size", "8", "--groups", "8"]
-    _, whole = trained(2, *common, "--batch_size", "8")
+    """GN at batch 1 with --pass_size max makes one pass of the whole update, as batch 64 does."""
+    common = ["--norm_type", "group", "--max_batch_size", "64", "--groups", "8"]
+    _, whole = trained(2, *common, "--batch_size", "64")
     run, ghosted = trained(2, *common, "--batch_size", "1", "--pass_size", "max")
-    assert run.passes == 1 and run.pass_size == 8
+    assert run.passes == 1 and run.pass_size == 64
     for name, value in whole.items():
         np.testing.assert_allclose(ghosted[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
@@ -57,6 +61,9 @@ def test_group_norm_ignores_the_split():
     (["--batch_size", "4", "--pass_size", "8", "--norm_type", "sync_batch"],
      "--norm_type sync_batch takes its statistics over the replicas' batches and has no ghost "
      "batches — leave --pass_size out, or use --norm_type batch"),
+    (["--batch_size", "4", "--pass_size", "max", "--no_accumulate"],
+     "--no_accumulate makes every update one batch of --batch_size, which leaves nothing to pass "
+     "at once — leave --pass_size out, or drop --no_accumulate"),
     (["--batch_size", "4", "--max_batch_size", "64", "--pass_size", "24"],
      "--pass_size 24 does not divide updates of --max_batch_size 64 over 1 replica(s) — pass a "
      "--pass_size that does, or max, or leave it out"),
@@ -70,3 +77,13 @@ def test_pass_size_is_a_number_or_max(capsys):
     with pytest.raises(SystemExit):
         train_flags.parse_args(["--pass_size", "all"])
     assert "'all' is neither a positive number of examples nor max" in capsys.readouterr().err
+
+
+def test_a_study_with_ghost_batches_gets_its_own_directory_and_says_so():
+    config, _ = study.check_trainer_flags(["--pass_size", "max", "--model", "conv"])
+    assert study.default_study_dir(config) == os.path.join("studies", "sample_conv_pass_max")
+    settings = {"max_training_step": 100, "max_batch_size": 64, "pass_size": "max"}
+    assert study_report.protocol_title({"name": "fixed_update"}, settings) == \
+        "fixed update (100 x 64 examples), ghost batches, one pass per update"
+    assert study_report.protocol_title({"name": "fixed_update"}, {**settings, "pass_size": 16}) \
+        .endswith(", ghost batches, passes of 16")
