@@ -540,8 +540,9 @@ def norm_layer(norm_type, channels, groups=DEFAULT_GROUPS, name=None, channels_p
     `channels_per_group` instead of `groups` when it is given; BN normalizes ghost batches of
     `ghost_batch_size` examples in training when it is given (the other norms need no batch)."""
     if norm_type in ("batch", "sync_batch"):
+        ghosts = {"ghost_batch_size": ghost_batch_size} if ghost_batch_size else {}
         return BatchNorm(momentum=0.9, epsilon=1e-5, name=name, gamma_initializer=gamma_initializer,
-                         synchronized=norm_type == "sync_batch", ghost_batch_size=ghost_batch_size)
+                         synchronized=norm_type == "sync_batch", **ghosts)
     group_counts = {"group": None if channels_per_group else groups, "layer": 1,
                     "instance": channels}
     if norm_type in group_counts:
