@@ -224,8 +224,9 @@ class BatchNorm(keras.layers.BatchNormalization):
     one op each way, in less time than Keras's computation (docs/performance.md has the
     measurements). In training, most tensors normalize on GroupNorm's C++ kernels instead,
     which are faster still there (`_batch_norm_on_group_norm_kernel`; kernels/policy.py says
-    where). The arguments, the variables (gamma, beta, moving_mean, moving_variance: the same names, order and dtypes, so checkpoints
-    written with Keras's layer restore), the configuration and the semantics are Keras's: in
+    where). The arguments, the variables (gamma, beta, moving_mean, moving_variance: the same
+    names, order and dtypes, so checkpoints written with Keras's layer restore), the
+    configuration and the semantics are Keras's: in
     training (`training=True` and the layer trainable) the batch statistics normalize and
     `moving = moving * momentum + batch_stat * (1 - momentum)` with the biased batch variance;
     otherwise the moving statistics normalize. Each replica of a distribution strategy uses its

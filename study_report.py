@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+import train_flags
 import util
 
 NAMES = {"batch": "BN", "sync_batch": "sync BN", "group": "GN", "layer": "LN",
@@ -56,12 +57,19 @@ def read_row(cell):
             "norm": norm_name(cell), "line": line_name(cell),
             "groups": config["groups"], "channels_per_group": config.get("channels_per_group"),
             "batch_size": cell.batch_size, "seed": cell.seed, "step": result["step"],
-            "examples_per_update": config["accumulation_steps"] * config["batch_size"] *
-            config["replicas"], "learning_rate": config["learning_rate"],
+            "examples_per_update": examples_per_update(config),
+            "learning_rate": config["learning_rate"],
             "test_accuracy": result["accuracy"], "test_loss": result["loss"],
             "precise_bn_test_accuracy": precise and precise["accuracy"],
             "seconds": result["seconds"], "images_per_sec": result["images_per_sec"],
             "run_dir": cell.run_dir, "config": config}
+
+
+def examples_per_update(config):
+    """accumulation_steps passes of each replica's pass size."""
+    per_pass = train_flags.examples_per_pass(config.get("pass_size"), config["batch_size"],
+                                             config["max_batch_size"], config["replicas"])
+    return config["accumulation_steps"] * per_pass * config["replicas"]
 
 
 def norm_name(cell):

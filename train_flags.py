@@ -17,8 +17,8 @@ DEFAULT_LEARNING_RATE = {"adam": 1e-3, "momentum": 0.1}
 # network, the data and how it is batched, the optimizer and its schedule, the precision.
 RUN_FLAGS = ("model", "norm_type", "groups", "channels_per_group", "weight_std", "dropout",
              "zero_init_residual", "dataset", "data_dir", "augment", "seed", "batch_size",
-             "max_batch_size", "pass_size", "no_accumulate", "optimizer", "learning_rate", "lr_schedule",
-             "warmup_steps", "weight_decay", "precision")
+             "max_batch_size", "pass_size", "no_accumulate", "optimizer", "learning_rate",
+             "lr_schedule", "warmup_steps", "weight_decay", "precision")
 # Flags that size GN's groups together: passing one passes both.
 GROUP_SIZE_FLAGS = ("groups", "channels_per_group")
 MAX_SEED = 2**32 - 1  # the largest seed numpy and keras.utils.set_random_seed take
@@ -140,6 +140,14 @@ def pass_size_value(text):
         raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number of examples nor "
                                          "max")
     return int(text)
+
+
+def examples_per_pass(pass_size, batch_size, max_batch_size, replicas):
+    """A replica's examples per forward-backward pass: --pass_size, where max is the replica's
+    share of an update, and by default --batch_size."""
+    if pass_size is None:
+        return batch_size
+    return max(max_batch_size // replicas, batch_size) if pass_size == "max" else pass_size
 
 
 def add_device_flags(parser):

@@ -15,6 +15,7 @@ import input_ops
 import model as model_lib
 import ops
 import schedules
+import train_flags
 from kernels import optimizers
 from util import UsageError
 
@@ -22,10 +23,8 @@ from util import UsageError
 def pass_size(config, replicas):
     """The examples of one replica's forward-backward pass: --pass_size (max: the replica's share
     of the update), by default --batch_size."""
-    if config.pass_size is None:
-        return config.batch_size
-    size = (max(config.max_batch_size // replicas, config.batch_size)
-            if config.pass_size == "max" else config.pass_size)
+    size = train_flags.examples_per_pass(config.pass_size, config.batch_size,
+                                         config.max_batch_size, replicas)
     if size % config.batch_size:
         raise UsageError(f"--pass_size {config.pass_size} is not a multiple of --batch_size "
                          f"{config.batch_size} — pass a multiple of it, or leave --pass_size out")
