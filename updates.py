@@ -42,13 +42,14 @@ def pass_size(config, replicas):
 def passes_per_update(config, replicas):
     """Forward passes over all replicas per update: max_batch_size / (pass size x replicas), or
     1 when accumulation is off or one pass holds max_batch_size examples already."""
-    per_pass = pass_size(config, replicas) * replicas
-    if config.no_accumulate or per_pass >= config.max_batch_size:
-        return 1
-    if config.pass_size is not None and config.max_batch_size % per_pass:
+    size = pass_size(config, replicas)
+    per_pass = size * replicas
+    if size > config.batch_size and config.max_batch_size % per_pass:
         raise UsageError(f"--pass_size {config.pass_size} does not divide updates of "
                          f"--max_batch_size {config.max_batch_size} over {replicas} replica(s) — "
                          "pass a --pass_size that does, or max, or leave it out")
+    if config.no_accumulate or per_pass >= config.max_batch_size:
+        return 1
     if config.max_batch_size % per_pass:
         fitting = [str(b) for b in range(1, config.max_batch_size // replicas + 1)
                    if config.max_batch_size % (b * replicas) == 0]

@@ -66,6 +66,9 @@ def test_group_norm_ignores_the_split():
     (["--batch_size", "4", "--max_batch_size", "64", "--pass_size", "24"],
      "--pass_size 24 does not divide updates of --max_batch_size 64 over 1 replica(s) — pass a "
      "--pass_size that does, or max, or leave it out"),
+    (["--batch_size", "4", "--max_batch_size", "64", "--pass_size", "128"],
+     "--pass_size 128 does not divide updates of --max_batch_size 64 over 1 replica(s) — pass a "
+     "--pass_size that does, or max, or leave it out"),
 ])
 def test_bad_pass_sizes_are_one_line_errors(flags, message, tmp_path, capsys):
     error = cli_error(trainer.main, [*flags, "--train_dir", str(tmp_path)], capsys)
