@@ -7,7 +7,7 @@ trainer.py run per cell, collated into a table and figures.
         --max_training_step 1000 --jobs 2
     python study.py --protocol paper --epochs 3 --dataset Fashion --model resnet20 --groups 8 \\
         --optimizer momentum --lr_schedule step --weight_decay 1e-4 --zero_init_residual
-    python study.py --pass_size max --jobs 2         # the first study, each update in one pass
+    python study.py --pass_size max --jobs 2         # the default study, each update in one pass
     python study.py --norm_types group --batch_sizes 32 --group_counts 1 2 4 8 16 ...
     python study.py --print_commands                 # trainer commands of unfinished cells
     python study.py --report                         # collate what exists, train nothing
