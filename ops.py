@@ -330,23 +330,20 @@ class BatchNorm(keras.layers.BatchNormalization):
 
 
 def _batch_norm_on_group_norm_kernel(x, scale, offset, epsilon):
-    """(output, batch mean, biased batch variance) of batch norm in training, computed as GN:
-    the batch seen as one example of N*H*W positions, one group per channel, normalizes each
-    channel by its statistics over the batch and positions, which is what BN does. The
-    backward pass is GN's closed form, BN's own. The variance comes back from
-    1 / sqrt(variance + epsilon), to float32 rounding."""
-    channels = x.shape[-1]
-    outputs, mean, rstd = gn_compute.fast_with_statistics(
-        tf.reshape(x, [1, -1, channels]), scale, offset, channels, epsilon,
-        gn_compute.CPP_KERNELS)
-    variance = tf.maximum(tf.reshape(1.0 / tf.square(rstd), [channels]) - epsilon, 0.0)
-    return tf.reshape(outputs, tf.shape(x)), tf.reshape(mean, [channels]), variance
+    """(output, batch mean, biased batch variance) of batch norm in training, computed as GN on
+    the C++ kernels: the whole batch is one ghost batch (`_batch_norm_over_ghost_batches`). The
+    backward pass is GN's closed form, BN's own."""
+    outputs, mean, variance = _batch_norm_over_ghost_batches(x, scale, offset, epsilon, 1,
+                                                             gn_compute.CPP_KERNELS)
+    return outputs, mean[0], variance[0]
 
 
 def _batch_norm_over_ghost_batches(x, scale, offset, epsilon, ghosts, kernel_pair):
     """(output, mean [ghosts, C], biased variance [ghosts, C]) of batch norm in training over
     `ghosts` consecutive equal slices of the batch, each normalized by its own statistics: GN of
-    `ghosts` examples of (batch / ghosts) x positions, one group per channel."""
+    `ghosts` examples of (batch / ghosts) x positions, one group per channel, which is what BN
+    does to each. The variance comes back from 1 / sqrt(variance + epsilon), to float32
+    rounding."""
     channels = x.shape[-1]
     outputs, mean, rstd = gn_compute.fast_with_statistics(
         tf.reshape(x, [ghosts, -1, channels]), scale, offset, channels, epsilon, kernel_pair)

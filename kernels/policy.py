@@ -252,21 +252,21 @@ def leaky_relu_kernel(switches):
     return "output_gradient" if switches.fast_ops else "keras"
 
 
-def describe(switches=None):
+def describe():
     """One line: the kernels this process's layers use, e.g. for `--verbose`."""
-    switches = switches or current()
+    switches = current()
     if not switches.fast_ops:
         return "kernels: plain TensorFlow ops everywhere (GN_FAST_OPS=0)"
     cpp = cpp_kernels_run(switches, tf.float32)  # eager here: no XLA function
-    group_norm = ("GroupNorm C++" if cpp else
-                  f"GroupNorm TensorFlow-op kernels (XLA-compiled from "
-                  f"{THRESHOLDS['group_norm_xla_min_values']:,} values)")
-    batch_norm = ("BatchNorm C++ in training up to "
-                  f"{THRESHOLDS['batch_norm_cpp_max_values']:,} values, fused otherwise"
-                  if cpp else "BatchNorm fused")
+    gn_text = ("GroupNorm C++" if cpp else
+               f"GroupNorm TensorFlow-op kernels (XLA-compiled from "
+               f"{THRESHOLDS['group_norm_xla_min_values']:,} values)")
+    bn_text = ("BatchNorm C++ in training up to "
+               f"{THRESHOLDS['batch_norm_cpp_max_values']:,} values, fused otherwise"
+               if cpp else "BatchNorm fused")
     onednn = (switches.onednn_conv and not gpu_visible()
               and conv_kernels.onednn_gradients_work())
-    conv = "Conv2D patches on small maps" + (
+    conv_text = "Conv2D patches on small maps" + (
         f", oneDNN gradients from {THRESHOLDS['onednn_conv_min_multiply_adds']:,} multiply-adds"
         if onednn else ", TensorFlow's gradients")
-    return f"kernels: {group_norm}; {batch_norm}; {conv}; LeakyReLU gradient from its output"
+    return f"kernels: {gn_text}; {bn_text}; {conv_text}; LeakyReLU gradient from its output"
