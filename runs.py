@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import input_ops
 import model as model_lib
+import train_flags
 import util
 from util import UsageError
 
@@ -254,11 +255,15 @@ def check_can_continue(config, prefix, source_config):
                          "or start a new run")
 
 
-def same_streams(config, workers, source_config):
+def same_streams(config, workers, pass_size, source_config):
     """Whether a run continues its checkpoint's random streams (input position, dropout seeds):
-    only with the same data flags and number of workers."""
+    only with the same data flags, number of workers and examples per pass (the input stream's
+    batches)."""
+    source_pass_size = source_config.get("examples_per_pass") or train_flags.examples_per_pass(
+        source_config.get("pass_size"), source_config["batch_size"],
+        source_config["max_batch_size"], source_config["replicas"])
     return (all(source_config[f] == getattr(config, f) for f in DATA_FLAGS)
-            and source_config["workers"] == workers)
+            and source_config["workers"] == workers and source_pass_size == pass_size)
 
 
 # The model of a run -------------------------------------------------------------------------------

@@ -84,10 +84,11 @@ class Trainer:
 
     def restore(self, prefix, source_config):
         """Continues from checkpoint `prefix`; the random streams (input position, dropout seeds)
-        are restored only when the data flags and the number of workers are those of the run that
-        wrote it."""
+        are restored only when the data flags, the number of workers and the pass size are those
+        of the run that wrote it."""
         updater = self.updater
-        same_streams = runs.same_streams(self.config, updater.share.workers, source_config)
+        same_streams = runs.same_streams(self.config, updater.share.workers, updater.pass_size,
+                                         source_config)
         state = self.state if same_streams else tf.train.Checkpoint(
             model=updater.model, optimizer=updater.optimizer, train_seconds=self.clock)
         try:
@@ -262,6 +263,7 @@ def record_setup(config, updater):
     config.workers = updater.share.workers
     config.strategy_class = distribution.strategy_name(updater.strategy)
     config.accumulation_steps = updater.passes
+    config.examples_per_pass = updater.pass_size
     config.parameters = updater.model.count_params()
     config.format_version = runs.FORMAT_VERSION
 
@@ -286,6 +288,8 @@ def run_to_continue(config, argv):
         return None
     run_config = runs.read_run_config(prefix)
     taken = train_flags.take_run_flags(config, train_flags.given_flags(argv), run_config)
+    if config.pass_size == "max" == run_config.get("pass_size"):  # as the run resolved it
+        config.examples_per_pass = run_config.get("examples_per_pass")
     if taken:
         log.info("continuing with the run's own %s", " ".join(
             (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool)

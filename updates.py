@@ -16,13 +16,17 @@ import model as model_lib
 import ops
 import schedules
 import train_flags
-from kernels import optimizers
+from kernels import optimizers, policy
 from util import UsageError
 
 
-def pass_size(config, replicas):
-    """The examples of one replica's forward-backward pass: --pass_size (max: the replica's share
-    of the update), by default --batch_size."""
+# --pass_size max fills at most this share of the memory free when a run starts.
+PASS_MEMORY_SHARE = 0.5
+
+
+def requested_pass_size(config, replicas):
+    """The examples of one replica's forward-backward pass that the flags ask for: --pass_size
+    (max: the replica's share of the update), by default --batch_size."""
     size = train_flags.examples_per_pass(config.pass_size, config.batch_size,
                                          config.max_batch_size, replicas)
     if size % config.batch_size:
@@ -39,10 +43,67 @@ def pass_size(config, replicas):
     return size
 
 
-def passes_per_update(config, replicas):
-    """Forward passes over all replicas per update: max_batch_size / (pass size x replicas), or
-    1 when accumulation is off or one pass holds max_batch_size examples already."""
-    size = pass_size(config, replicas)
+def pass_size(config, data, replicas):
+    """(a replica's examples per pass, what bounded --pass_size max, or None). max takes the
+    replica's share of the update, or the largest pass of whole batches dividing it that fits
+    PASS_MEMORY_SHARE of the free memory; a continued run keeps the size it resolved to."""
+    size = requested_pass_size(config, replicas)
+    if config.pass_size != "max" or size == config.batch_size:
+        return size, None
+    kept = getattr(config, "examples_per_pass", None)  # from the continued run's config.json
+    if kept and size % kept == 0 and kept % config.batch_size == 0:
+        return kept, f"{kept} examples, as the run it continues resolved it"
+    per_example = activation_bytes_per_example(build_model(config, data, size))
+    free = free_memory_bytes()
+    if free is None:
+        return size, (f"the whole update, ~{memory_text(size * per_example)} of activations by "
+                      "estimate; unbounded, as TensorFlow does not tell this device's free memory")
+    fitting = largest_fitting_pass(size, config.batch_size, per_example,
+                                   PASS_MEMORY_SHARE * free)
+    share = f"{PASS_MEMORY_SHARE:.0%} of the {memory_text(free)} free"
+    if fitting == size:
+        return size, (f"the whole update, ~{memory_text(size * per_example)} of activations by "
+                      f"estimate, within {share}")
+    return fitting, (f"{fitting} of the replica's {size} examples, what fits in {share} "
+                     f"(~{memory_text(per_example)} of activations an example, by estimate)")
+
+
+def largest_fitting_pass(share, batch_size, bytes_per_example, budget):
+    """The largest multiple of `batch_size` that divides `share` and whose examples take at most
+    `budget` bytes; `batch_size` when none does."""
+    return max((size for size in range(batch_size, share + 1, batch_size)
+                if share % size == 0 and size * bytes_per_example <= budget), default=batch_size)
+
+
+def activation_bytes_per_example(model):
+    """An estimate of one example's memory in a forward-backward pass: every layer's output,
+    which the backward pass keeps, and as much again for its gradient."""
+    return 2 * sum(math.prod(layer.output.shape[1:]) * tf.as_dtype(layer.output.dtype).size
+                   for layer in model.layers)
+
+
+def free_memory_bytes():
+    """The memory free for a pass: the CPU's available memory (Linux's MemAvailable), None on a
+    GPU (TensorFlow does not tell its free memory) or where the system does not say."""
+    if policy.gpu_visible():
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def memory_text(count):
+    """`count` bytes as GiB, or MiB below one GiB."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def passes_per_update(config, replicas, size):
+    """Forward passes over all replicas per update of passes of `size` examples a replica:
+    max_batch_size / (size x replicas), or 1 when accumulation is off or one pass holds
+    max_batch_size examples already."""
     per_pass = size * replicas
     if size > config.batch_size and config.max_batch_size % per_pass:
         raise UsageError(f"--pass_size {config.pass_size} does not divide updates of "
@@ -134,14 +195,15 @@ class Updater:
     any number of devices."""
 
     def __init__(self, config, data, strategy=None):
-        keras.utils.set_random_seed(config.seed)
         self.config = config
         self.data = data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.share = distribution.input_share(self.strategy)
-        self.pass_size = pass_size(config, self.share.replicas)  # a replica's
+        # A replica's; sizing --pass_size max builds a network, so before the seeding.
+        self.pass_size, self.pass_size_bound = pass_size(config, data, self.share.replicas)
         self.examples_per_pass = self.pass_size * self.share.replicas
-        self.passes = passes_per_update(config, self.share.replicas)
+        self.passes = passes_per_update(config, self.share.replicas, self.pass_size)
+        keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
             self.model = build_model(config, data, self.pass_size)
             check_statistics(config, self.model, self.share.replicas)
@@ -175,9 +237,10 @@ class Updater:
         replicas, passes = self.share.replicas, self.passes
         ghosts = (f" (ghost batches of {self.config.batch_size})"
                   if self.pass_size > self.config.batch_size else "")
+        bound = f" (--pass_size max: {self.pass_size_bound})" if self.pass_size_bound else ""
         return (f"{replicas} replica{'s' if replicas > 1 else ''} x {self.pass_size} "
                 f"examples{ghosts}, {passes} pass{'es' if passes > 1 else ''} per update = "
-                f"{self.examples_per_update} examples per update")
+                f"{self.examples_per_update} examples per update{bound}")
 
     @tf.function
     def train_step(self):

@@ -21,7 +21,8 @@ Sections:
            PyTorch's
   ghost    trainer.py's update of 64 examples on the sample at batch 2 and 1, conv and resnet20
            with BN and GN: one pass of all 64 (--pass_size max; BN over ghost batches) over
-           one pass per batch, one after another (the default)
+           one pass per batch, one after another (the default); and the floor no normalization
+           kernel can go below: the same net with --norm_type none in one pass
   input    the tf.data pipeline from an HDF5 file: images/s, and the fraction of a training step
            spent waiting for input
   convert  writing 70,000 28x28 images (Fashion-MNIST's size) into the HDF5 format
@@ -409,6 +410,9 @@ GHOST_BATCHES = (2, 1)
 
 
 def bench_ghost(rounds, seconds):
+    """Per model, norm and batch size: the update of 64 one pass per batch and in one pass; beside
+    them the same net without normalization in one pass, the floor of the one-pass time (its
+    convolutions, activations and optimizer), whatever the normalization's kernels."""
     tf.get_logger().setLevel("ERROR")  # not a warning for each trainer's own trace of train_step
     _, data = input_ops.load("sample", "./datasets")
     rows = []
@@ -417,26 +421,32 @@ def bench_ghost(rounds, seconds):
             for batch_size in GHOST_BATCHES:
                 release_previous()
                 flags = ["--batch_size", str(batch_size), "--max_batch_size", "64"]
+                one_pass = [*flags, "--pass_size", "max"]
                 candidates = {
                     "per batch": trainer_update(model_name, norm_type, flags, None, data),
-                    "one pass": trainer_update(model_name, norm_type,
-                                               [*flags, "--pass_size", "max"], None, data)}
+                    "one pass": trainer_update(model_name, norm_type, one_pass, None, data),
+                    "no norm": trainer_update(model_name, "none", one_pass, None, data)}
                 times = time_rounds(candidates, rounds, seconds)
                 ms = {name: 1000 * t for name, t in median(times).items()}
                 rows.append({"model": model_name, "norm": norm_type, "batch": batch_size,
                              "per_batch_ms": ms["per batch"], "one_pass_ms": ms["one pass"],
+                             "no_norm_one_pass_ms": ms["no norm"],
                              "one_pass_over_per_batch": ratio(times, ["one pass"],
-                                                              ["per batch"])})
+                                                              ["per batch"]),
+                             "no_norm_over_per_batch": ratio(times, ["no norm"],
+                                                             ["per batch"])})
     return rows
 
 
 def print_ghost(rows):
-    print("trainer.py's update of 64 examples: one pass per batch against one pass of all 64")
+    print("trainer.py's update of 64 examples: one pass per batch against one pass of all 64;\n"
+          "floor: the same net without normalization in one pass, over one pass per batch")
     print(f"  {'model':10}{'norm':>7}{'batch':>7}{'per batch ms':>14}{'one pass ms':>13}"
-          f"{'ratio':>8}")
+          f"{'ratio':>8}{'no norm ms':>12}{'floor':>8}")
     for row in rows:
         print(f"  {row['model']:10}{row['norm']:>7}{row['batch']:>7}{row['per_batch_ms']:>14.1f}"
-              f"{row['one_pass_ms']:>13.1f}{row['one_pass_over_per_batch']:>7.2f}x")
+              f"{row['one_pass_ms']:>13.1f}{row['one_pass_over_per_batch']:>7.2f}x"
+              f"{row['no_norm_one_pass_ms']:>12.1f}{row['no_norm_over_per_batch']:>7.2f}x")
 
 
 # Devices, precision, XLA -----------------------------------------------------------------------

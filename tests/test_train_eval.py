@@ -294,7 +294,7 @@ def test_group_norm_accumulated_small_batches_equal_one_large_batch():
 @pytest.mark.parametrize("flag", ["--no_accumulate", "--no_adjust_learning_rate"])
 def test_no_accumulate_and_its_2018_name_make_one_update_per_batch(flag):
     config = train_flags.parse_args(["--batch_size", "8", "--max_batch_size", "64", flag])
-    assert config.no_accumulate and updates.passes_per_update(config, replicas=1) == 1
+    assert config.no_accumulate and updates.passes_per_update(config, 1, config.batch_size) == 1
 
 
 @pytest.mark.parametrize("layout", ["splits", "per_id_2018"])
