@@ -89,10 +89,11 @@ def max_pass_run(monkeypatch, examples_that_fit, *flags):
 def test_pass_size_max_takes_what_fits_in_the_free_memory(monkeypatch):
     bounded = max_pass_run(monkeypatch, 20)
     assert (bounded.pass_size, bounded.passes) == (16, 4)
+    per_example = updates.activation_bytes_per_example(bounded.model)
+    free = 20 * per_example / updates.PASS_MEMORY_SHARE
     assert bounded.describe_batches().endswith(
         "(--pass_size max: 16 of the replica's 64 examples, what fits in 50% of the "
-        f"{updates.memory_text(20 * updates.activation_bytes_per_example(bounded.model) / 0.5)} free "
-        f"(~{updates.memory_text(updates.activation_bytes_per_example(bounded.model))} of activations "
+        f"{updates.memory_text(free)} free (~{updates.memory_text(per_example)} of activations "
         "an example, by estimate))")
     whole = max_pass_run(monkeypatch, 64)
     assert (whole.pass_size, whole.passes) == (64, 1)
