@@ -259,11 +259,9 @@ def same_streams(config, workers, pass_size, source_config):
     """Whether a run continues its checkpoint's random streams (input position, dropout seeds):
     only with the same data flags, number of workers and examples per pass (the input stream's
     batches)."""
-    source_pass_size = source_config.get("examples_per_pass") or train_flags.examples_per_pass(
-        source_config.get("pass_size"), source_config["batch_size"],
-        source_config["max_batch_size"], source_config["replicas"])
     return (all(source_config[f] == getattr(config, f) for f in DATA_FLAGS)
-            and source_config["workers"] == workers and source_pass_size == pass_size)
+            and source_config["workers"] == workers
+            and train_flags.run_examples_per_pass(source_config) == pass_size)
 
 
 # The model of a run -------------------------------------------------------------------------------

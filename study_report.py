@@ -66,12 +66,9 @@ def read_row(cell):
 
 
 def examples_per_update(config):
-    """accumulation_steps passes of each replica's pass size (as config.json records it, or as
-    the flags of a run that did not record it ask for)."""
-    per_pass = config.get("examples_per_pass") or train_flags.examples_per_pass(
-        config.get("pass_size"), config["batch_size"], config["max_batch_size"],
-        config["replicas"])
-    return config["accumulation_steps"] * per_pass * config["replicas"]
+    """accumulation_steps passes of each replica's pass size."""
+    return (config["accumulation_steps"] * train_flags.run_examples_per_pass(config)
+            * config["replicas"])
 
 
 def norm_name(cell):

@@ -150,6 +150,14 @@ def examples_per_pass(pass_size, batch_size, max_batch_size, replicas):
     return max(max_batch_size // replicas, batch_size) if pass_size == "max" else pass_size
 
 
+def run_examples_per_pass(run_config):
+    """A replica's examples per pass in a run's config.json: as recorded (how --pass_size
+    resolved), or as the flags ask for in a run from before it was recorded."""
+    return run_config.get("examples_per_pass") or examples_per_pass(
+        run_config.get("pass_size"), run_config["batch_size"], run_config["max_batch_size"],
+        run_config["replicas"])
+
+
 def add_device_flags(parser):
     """--strategy and --devices, shared by trainer.py and evaler.py; returns their group."""
     group = parser.add_argument_group("devices")
