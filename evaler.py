@@ -1,10 +1,11 @@
-"""Evaluate checkpoints of a training run on the full test set.
+"""Evaluate checkpoints of a training run on the full test set (or training set).
 
     python evaler.py --checkpoint train_dir/<run>              # the run's latest checkpoint
     python evaler.py --checkpoint train_dir/<run>/model-400    # one checkpoint
     python evaler.py --checkpoint train_dir/<run> --all        # a line per checkpoint, TensorBoard
     python evaler.py --checkpoint train_dir/<run> --precise_bn 200   # BN with precise statistics
     python evaler.py --checkpoint train_dir/<run> --devices 2        # batches split over 2 replicas
+    python evaler.py --checkpoint train_dir/<run> --split train      # the training error
 
 The network and dataset are read from the run's config.json, so no training flag is repeated.
 One checkpoint gets its loss, top-1 accuracy, per-class accuracy and confusion matrix; --all prints
@@ -30,6 +31,10 @@ def parse_args(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument("--data_dir", default=None,
                         help="where the dataset lives (default: the run's --data_dir)")
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="the split to evaluate, every example once in inference mode; "
+                             "train: the training error, without augmentation (default: "
+                             "%(default)s)")
     parser.add_argument("--batch_size", type=int, default=100,
                         help="examples per evaluation batch (default: %(default)s)")
     parser.add_argument("--precise_bn", type=int, default=0, metavar="K",
@@ -79,8 +84,9 @@ def precise_bn_note(result):
 
 
 def print_report(result):
-    print(f"{result['checkpoint']} (step {result['step']}): test loss {result['loss']:.4f}, "
-          f"top-1 accuracy {100 * result['accuracy']:.2f}%{precise_bn_note(result)}")
+    print(f"{result['checkpoint']} (step {result['step']}): {result['split']} loss "
+          f"{result['loss']:.4f}, top-1 accuracy {100 * result['accuracy']:.2f}%"
+          f"{precise_bn_note(result)}")
     names = list(result["per_class_accuracy"])
     width = max(len(name) for name in names)
     print("per-class accuracy:")
@@ -94,7 +100,8 @@ def print_report(result):
 
 def print_table(run_dir, results):
     """--all: one line per checkpoint, oldest first."""
-    print(f"{run_dir}, every checkpoint on the full test set{precise_bn_note(results[-1])}:")
+    print(f"{run_dir}, every checkpoint on the full {results[-1]['split']} set"
+          f"{precise_bn_note(results[-1])}:")
     width = max(len("step"), *(len(str(result["step"])) for result in results))
     print(f"  {'step':>{width}}  {'loss':>7}  {'top-1':>7}")
     for result in results:
@@ -103,14 +110,15 @@ def print_table(run_dir, results):
 
 
 def write_summaries(run_dir, results):
-    """Test loss and accuracy at each checkpoint's step, tagged `*_precise_bn` when BN's
-    statistics were recomputed."""
+    """Test loss and accuracy at each checkpoint's step (`train_*` on the training set), tagged
+    `*_precise_bn` when BN's statistics were recomputed."""
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "eval"))
     with writer.as_default():
         for result in results:
+            prefix = "train_" if result["split"] == "train" else ""
             suffix = "_precise_bn" if result["precise_bn"] else ""
-            tf.summary.scalar("loss" + suffix, result["loss"], step=result["step"])
-            tf.summary.scalar("accuracy" + suffix, result["accuracy"], step=result["step"])
+            for metric in ("loss", "accuracy"):
+                tf.summary.scalar(prefix + metric + suffix, result[metric], step=result["step"])
     writer.close()
 
 
@@ -123,7 +131,7 @@ def main(argv=None):
     prefixes = checkpoints_to_evaluate(args.checkpoint, args.all)
     config = runs.read_run_config(prefixes[-1])
     _, data = input_ops.load(config["dataset"], args.data_dir or config["data_dir"])
-    dataset = input_ops.eval_dataset(data, args.batch_size)
+    dataset = input_ops.eval_dataset(data, args.batch_size, args.split)
     results = []
     progress_bar = args.all and not args.verbose  # on a terminal; not between printed reports
     for prefix in tqdm(prefixes, desc="evaluating", unit="checkpoint", leave=False,
@@ -134,7 +142,7 @@ def main(argv=None):
         results.append(runs.report(prefix,
                                    *runs.evaluate(model, dataset, data.num_classes, strategy),
                                    data.class_names))
-        results[-1]["precise_bn"] = args.precise_bn if precise else 0
+        results[-1].update(split=args.split, precise_bn=args.precise_bn if precise else 0)
         if not args.json and (args.verbose or not args.all):
             print_report(results[-1])
     run_dir = os.path.dirname(prefixes[-1])

@@ -62,15 +62,18 @@ def test_sample_dataset(data, batch_size, seed):
     return _shuffled_batches(data.test_images, data.test_labels, batch_size, seed, augment=False)
 
 
-def eval_dataset(data, batch_size):
-    """The test split exactly once, in order; the last batch may be smaller."""
-    indices = tf.data.Dataset.range(data.num_test)
+def eval_dataset(data, batch_size, split="test"):
+    """The `split` ("test" or "train") exactly once, in order, as evaluation sees it (no
+    augmentation; ImageNet's central crops); the last batch may be smaller."""
+    labels = getattr(data, f"{split}_labels")
+    indices = tf.data.Dataset.range(len(labels))
     if isinstance(data, image_tree.ImageTree):
-        examples = indices.map(_file_gatherer(data.test_files, data.test_labels))
+        examples = indices.map(_file_gatherer(getattr(data, f"{split}_files"), labels))
         batches = _central_crops(examples, data.image_size).batch(batch_size)
     else:
-        batches = indices.batch(batch_size).map(_gatherer(data.test_images, data.test_labels),
-                                                num_parallel_calls=AUTOTUNE, deterministic=True)
+        gather = _gatherer(getattr(data, f"{split}_images"), labels)
+        batches = indices.batch(batch_size).map(gather, num_parallel_calls=AUTOTUNE,
+                                                deterministic=True)
     return _float_batches(batches)
 
 

@@ -55,7 +55,7 @@ PROTOCOLS = ("fixed_update", "paper")
 PAPER_DEFAULTS = {"devices_per_update": 8, "reference_batch": 256}
 # Trainer flags the paper's protocol derives for each cell, and what sets them instead.
 PAPER_MANAGED_FLAGS = {"--max_batch_size": "--devices_per_update",
-                       "--max_training_step": "--epochs",
+                       "--max_training_step": "--epochs", "--warmup_steps": "--warmup_epochs",
                        **dict.fromkeys(("--no_accumulate", "--no_adjust_learning_rate"),
                                        "nothing (an update is devices_per_update x batch "
                                        "examples)")}
@@ -95,6 +95,11 @@ def parse_args(argv=None):
     protocol.add_argument("--epochs", type=float, default=None,
                           help="paper: passes over the training set of every cell; its updates "
                                "are epochs x training examples / update size, rounded up")
+    protocol.add_argument("--warmup_epochs", type=float, default=None, metavar="W",
+                          help="paper: a linear warm-up of the learning rate over the first W "
+                               "epochs of every cell (--warmup_steps of W x training examples / "
+                               "update size, rounded up), so that it covers the same examples "
+                               "at every batch size (default: none)")
     protocol.add_argument("--devices_per_update", type=int, default=None, metavar="D",
                           help="paper: the batches per update, the paper's GPUs (default: "
                                f"{PAPER_DEFAULTS['devices_per_update']}); accumulated over "
@@ -113,13 +118,17 @@ def parse_args(argv=None):
     study.add_argument("--precise_bn", type=int, default=200, metavar="K",
                        help="also evaluate every BN run with precise statistics from K training "
                             "batches (evaler.py --precise_bn; 0: off; default: %(default)s)")
+    study.add_argument("--train_error", action=argparse.BooleanOptionalAction, default=True,
+                       help="also evaluate every finished run on the full training set in "
+                            "inference mode (evaler.py --split train): its training error, "
+                            "beside the test error in the tables (default: on)")
     mode = study.add_mutually_exclusive_group()
     mode.add_argument("--print_commands", action="store_true",
                       help="print the trainer command of every unfinished cell, one per line "
                            "(for a scheduler), and train nothing")
     mode.add_argument("--report", action="store_true",
-                      help="train nothing: evaluate finished BN runs with precise BN where "
-                           "missing, and collate whatever exists")
+                      help="train nothing: evaluate finished runs (training error, precise BN) "
+                           "where missing, and collate whatever exists")
     util.add_verbose_flag(study)
     args, trainer_flags = parser.parse_known_args(argv)
     args.trainer_flags = trainer_flags
@@ -242,7 +251,8 @@ def open_study(args):
 def protocol_of(args):
     """The protocol `args` ask for ({"name": ..., and the paper's settings}), or None when they
     name none; one-line errors for the paper's settings without the paper's protocol."""
-    paper_flags = {"epochs": args.epochs, "devices_per_update": args.devices_per_update,
+    paper_flags = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+                   "devices_per_update": args.devices_per_update,
                    "reference_batch": args.reference_batch}
     given = [name for name, value in paper_flags.items() if value is not None]
     if args.protocol != "paper":
@@ -258,13 +268,17 @@ def protocol_of(args):
     for name, value in protocol.items():
         if name != "name" and not value > 0:
             raise UsageError(f"--{name} must be positive, got {value}")
+    if protocol.get("warmup_epochs", 0) > protocol["epochs"]:
+        raise UsageError(f"--warmup_epochs {args.warmup_epochs:g} is longer than --epochs "
+                         f"{args.epochs:g} — pass a shorter warm-up")
     return protocol
 
 
 def protocol_text(protocol):
     """E.g. '--protocol paper --epochs 3 --devices_per_update 8 --reference_batch 256'."""
     settings = [("protocol", protocol["name"])] + [
-        (name, protocol[name]) for name in ("epochs", *PAPER_DEFAULTS) if name in protocol]
+        (name, protocol[name]) for name in ("epochs", "warmup_epochs", *PAPER_DEFAULTS)
+        if name in protocol]
     return " ".join(f"--{name} {value:g}" if not isinstance(value, str) else f"--{name} {value}"
                     for name, value in settings)
 
@@ -308,7 +322,8 @@ def check_protocol(study):
 
 def protocol_settings(study, batch_size, num_train):
     """The trainer settings a cell of `batch_size` takes from the study's protocol:
-    {max_batch_size, learning_rate, max_training_step} under the paper's, {} otherwise."""
+    {max_batch_size, learning_rate, max_training_step[, warmup_steps]} under the paper's, {}
+    otherwise."""
     protocol = study.protocol
     if protocol["name"] != "paper":
         return {}
@@ -316,9 +331,12 @@ def protocol_settings(study, batch_size, num_train):
     base_rate = (settings["learning_rate"] or
                  train_flags.DEFAULT_LEARNING_RATE[settings["optimizer"]])
     update = protocol["devices_per_update"] * batch_size
-    return {"max_batch_size": update,
-            "learning_rate": base_rate * update / protocol["reference_batch"],
-            "max_training_step": math.ceil(protocol["epochs"] * num_train / update)}
+    derived = {"max_batch_size": update,
+               "learning_rate": base_rate * update / protocol["reference_batch"],
+               "max_training_step": math.ceil(protocol["epochs"] * num_train / update)}
+    if "warmup_epochs" in protocol:
+        derived["warmup_steps"] = math.ceil(protocol["warmup_epochs"] * num_train / update)
+    return derived
 
 
 # Cells ------------------------------------------------------------------------------------------
@@ -371,6 +389,10 @@ class Cell:
     def precise_bn_path(self):
         return os.path.join(self.run_dir, "precise_bn.json")
 
+    @property
+    def train_eval_path(self):
+        return os.path.join(self.run_dir, "train_eval.json")
+
     def finished(self):
         return os.path.exists(self.result_path)
 
@@ -380,7 +402,11 @@ class Cell:
 
     def precise_bn_result(self):
         """The run's precise_bn.json, or None before its precise-BN evaluation."""
-        return read_json(self.precise_bn_path) if os.path.exists(self.precise_bn_path) else None
+        return read_json_if_there(self.precise_bn_path)
+
+    def train_eval_result(self):
+        """The run's train_eval.json (its training error), or None before it was measured."""
+        return read_json_if_there(self.train_eval_path)
 
     def steps_done(self):
         """The step of the cell's latest checkpoint (0 before its first)."""
@@ -393,6 +419,10 @@ class Cell:
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def read_json_if_there(path):
+    return read_json(path) if os.path.exists(path) else None
 
 
 def plan(study, cells):
@@ -423,9 +453,10 @@ def trainer_command(study, cell, protocol):
             *derived, "--run_dir", cell.run_dir]
 
 
-def precise_bn_command(cell, num_batches):
+def evaler_command(cell, *flags):
+    """evaler.py on the cell's latest checkpoint with `flags`, printing JSON."""
     return [sys.executable, os.path.join(REPO, "evaler.py"), "--checkpoint", cell.run_dir,
-            "--precise_bn", str(num_batches), "--json"]
+            *flags, "--json"]
 
 
 # Running processes ------------------------------------------------------------------------------
@@ -529,26 +560,39 @@ def finished_line(cell, wall_seconds):
             f"{result['step']} ({wall_seconds / 60:.1f} min)")
 
 
-def evaluate_precise_bn(study, num_batches, sigterm):
-    """Writes <run>/precise_bn.json (evaler.py --precise_bn K --json) for every finished BN run
-    that lacks it for this K, stopping between runs on SIGTERM. Returns the cells whose
-    evaluation failed."""
-    todo = [cell for cell in study.cells()
-            if cell.norm_type in BATCH_NORMS and cell.finished()
-            and (cell.precise_bn_result() or {}).get("precise_bn") != num_batches]
+def evaluations(study, num_batches, train_error):
+    """(cell, what, evaler.py command, output path) of every evaluation a finished run lacks: its
+    training error (`train_error`: evaler.py --split train, into train_eval.json) and, for BN
+    runs, its test error with precise statistics from `num_batches` training batches (0: none;
+    evaler.py --precise_bn, into precise_bn.json)."""
+    todo = []
+    for cell in (cell for cell in study.cells() if cell.finished()):
+        if train_error and cell.train_eval_result() is None:
+            todo.append((cell, "training error", evaler_command(cell, "--split", "train"),
+                         cell.train_eval_path))
+        if (num_batches and cell.norm_type in BATCH_NORMS
+                and (cell.precise_bn_result() or {}).get("precise_bn") != num_batches):
+            todo.append((cell, "precise BN", evaler_command(cell, "--precise_bn",
+                                                            str(num_batches)),
+                         cell.precise_bn_path))
+    return todo
+
+
+def evaluate_finished_runs(todo, sigterm):
+    """Runs `todo` (evaluations'), writing each JSON report where it belongs, and stops between
+    runs on SIGTERM. Returns the cells whose evaluation failed."""
     failed = []
-    for cell in tqdm(todo, desc="precise BN", unit="run", disable=None):
+    for cell, what, command, path in tqdm(todo, desc="evaluating", unit="run", disable=None):
         if sigterm.is_set():
             raise util.Terminated()
-        result = subprocess.run(precise_bn_command(cell, num_batches), capture_output=True,
-                                text=True, stdin=subprocess.DEVNULL)
+        result = subprocess.run(command, capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             failed.append(cell)
             lines = result.stderr.strip().splitlines() or ["no output"]
-            say(f"FAILED precise BN of {cell.name}: {lines[-1]}")
+            say(f"FAILED {what} of {cell.name}: {lines[-1]}")
             continue
-        report = json.loads(result.stdout)
-        util.write_json(cell.precise_bn_path, report)
+        util.write_json(path, json.loads(result.stdout))
     return failed
 
 
@@ -573,8 +617,8 @@ def main(argv=None):
                 say(f"{study.study_dir}: {len(study.cells())} runs, {len(pending)} to train "
                     f"({args.jobs} at a time)")
                 failed = train_cells(planned, pending, args.jobs, sigterm)
-            if args.precise_bn:
-                failed += evaluate_precise_bn(study, args.precise_bn, sigterm)
+            failed += evaluate_finished_runs(
+                evaluations(study, args.precise_bn, args.train_error), sigterm)
     except util.Terminated:
         say("terminated: run the same command again to continue")
         raise SystemExit(TERMINATED_STATUS)

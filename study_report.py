@@ -1,8 +1,9 @@
 """Collates a study's runs (study.py) into results.csv, results.md, accuracy_vs_batch.png,
 curves.png, error_curves.png and, for a grid of GN group sizes, error_vs_groups.png.
 
-A finished run is read from its result.json (and precise_bn.json for BN runs); the training
-curves come from its TensorBoard event files, read with TensorBoard's own event reader.
+A finished run is read from its result.json, its train_eval.json (the training error, in
+inference mode over the full training set) and, for BN runs, precise_bn.json; the training curves
+come from its TensorBoard event files, read with TensorBoard's own event reader.
 """
 import csv
 import io
@@ -16,9 +17,11 @@ import util
 NAMES = {"batch": "BN", "sync_batch": "sync BN", "group": "GN", "layer": "LN",
          "instance": "IN", "none": "no norm"}
 PRECISE = " (precise)"
+TRAINING = ", training error"
 CSV_COLUMNS = ("norm_type", "groups", "channels_per_group", "batch_size", "seed", "step",
                "examples_per_update", "learning_rate", "test_accuracy", "test_loss",
-               "precise_bn_test_accuracy", "seconds", "images_per_sec", "run_dir")
+               "precise_bn_test_accuracy", "train_accuracy", "train_loss", "seconds",
+               "images_per_sec", "run_dir")
 
 
 def write_report(study):
@@ -51,7 +54,7 @@ def write_report(study):
 
 
 def read_row(cell):
-    result, precise = cell.result(), cell.precise_bn_result()
+    result, precise, train = cell.result(), cell.precise_bn_result(), cell.train_eval_result()
     config = result["config"]
     return {"norm_type": cell.norm_type, "grouping": cell.grouping,
             "norm": norm_name(cell), "line": line_name(cell),
@@ -61,6 +64,7 @@ def read_row(cell):
             "learning_rate": config["learning_rate"],
             "test_accuracy": result["accuracy"], "test_loss": result["loss"],
             "precise_bn_test_accuracy": precise and precise["accuracy"],
+            "train_accuracy": train and train["accuracy"], "train_loss": train and train["loss"],
             "seconds": result["seconds"], "images_per_sec": result["images_per_sec"],
             "run_dir": cell.run_dir, "config": config}
 
@@ -99,17 +103,21 @@ def csv_text(rows):
 
 # The table --------------------------------------------------------------------------------------
 
-def errors_by(rows, key):
-    """{line name: {key(row): [test error %, ...]}}, with a line "<norm> (precise)" for BN runs
-    evaluated with precise statistics."""
+def errors_by(rows, key, measures):
+    """{line name + suffix: {key(row): [error %, ...]}} for each (suffix, accuracy column) of
+    `measures`, from the rows that have that column."""
     errors = {}
     for row in rows:
-        errors.setdefault(row["line"], {}).setdefault(key(row), []).append(
-            100 * (1 - row["test_accuracy"]))
-        if row["precise_bn_test_accuracy"] is not None:
-            errors.setdefault(row["line"] + PRECISE, {}).setdefault(key(row), []).append(
-                100 * (1 - row["precise_bn_test_accuracy"]))
+        for suffix, column in measures:
+            if row[column] is not None:
+                errors.setdefault(row["line"] + suffix, {}).setdefault(key(row), []).append(
+                    100 * (1 - row[column]))
     return errors
+
+
+# The test error of each line, and "<line> (precise)" for BN runs evaluated with precise BN.
+TEST_ERRORS = (("", "test_accuracy"), (PRECISE, "precise_bn_test_accuracy"))
+TRAINING_ERRORS = ((TRAINING, "train_accuracy"),)
 
 
 def statistics(values):
@@ -117,10 +125,12 @@ def statistics(values):
     return np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0, len(values)
 
 
-def summarize(rows):
-    """{line name: {batch size: (mean test error %, standard deviation over seeds, seeds)}}."""
+def summarize(rows, measures=TEST_ERRORS):
+    """{line name: {batch size: (mean error %, standard deviation over seeds, seeds)}} of the
+    errors `measures` names (errors_by's; by default the test errors)."""
     return {name: {batch: statistics(values) for batch, values in sorted(by_batch.items())}
-            for name, by_batch in errors_by(rows, lambda row: row["batch_size"]).items()}
+            for name, by_batch in errors_by(rows, lambda row: row["batch_size"],
+                                            measures).items()}
 
 
 def group_summary(rows):
@@ -152,12 +162,29 @@ def markdown(rows, summary, config, protocol):
             lines.append(f"| {first} − {second} | " + " | ".join(
                 difference_text(summary[first].get(b), summary[second].get(b))
                 for b in batch_sizes) + " |")
+    for name, by_batch in summarize(rows, TRAINING_ERRORS).items():
+        lines.append(f"| {name} | " + " | ".join(cell_text(by_batch.get(b))
+                                                 for b in batch_sizes) + " |")
     lines += groups_tables(group_summary(rows))
+    lines += runs_table(rows)
     figures = ["accuracy_vs_batch.png", "curves.png", "error_curves.png"]
     if any(row["grouping"] for row in rows):
         figures.append("error_vs_groups.png")
     lines += ["", f"Per run: results.csv. Figures: {', '.join(figures)}.", ""]
     return "\n".join(lines)
+
+
+def runs_table(rows):
+    """Every run's own numbers, the seeds the table above averages."""
+    lines = ["", "Each run (error in %; training error in inference mode over the full training "
+             "set):", "", "| run | test error | precise BN test error | training error |",
+             "|---|---|---|---|"]
+    for row in sorted(rows, key=lambda row: (row["line"], row["batch_size"], row["seed"])):
+        errors = [row["test_accuracy"], row["precise_bn_test_accuracy"], row["train_accuracy"]]
+        lines.append(f"| {row['line']}, batch {row['batch_size']}, seed {row['seed']} | "
+                     + " | ".join("" if accuracy is None else f"{100 * (1 - accuracy):.2f}"
+                                  for accuracy in errors) + " |")
+    return lines
 
 
 def groups_tables(by_groups):
@@ -199,7 +226,8 @@ def protocol_paragraph(protocol, rows, config, seeds):
     # model.py's resnet20 has no dropout layer, whatever --dropout says.
     dropout = "no dropout" if config["model"] == "resnet20" else f"dropout {config['dropout']}"
     rate = "" if protocol["name"] == "paper" else f" {config['learning_rate']}"
-    return (f"{updates}. {config['optimizer']}, learning rate{rate} {schedule_text(config)}, "
+    return (f"{updates}. {config['optimizer']}, learning rate{rate} "
+            f"{schedule_text(config, protocol)}, "
             f"{recipe_text(config)}, {dropout}, augmentation "
             f"{'on' if config['augment'] else 'off'}, {groups_text(rows, config)}. "
             f"Test error on the full test set; {seeds_text(seeds)}.")
@@ -222,10 +250,14 @@ def paper_updates(protocol, rows):
             f"({cells})")
 
 
-def schedule_text(config):
+def schedule_text(config, protocol):
     schedule = {"cosine": "cosine-decayed to 0",
                 "step": "divided by 10 at 30 %, 60 % and 90 % of the updates"}[
         config.get("lr_schedule", "cosine")]
+    if "warmup_epochs" in protocol:
+        warmup = protocol["warmup_epochs"]
+        return schedule + f" after a linear warm-up over the first {warmup:g} epoch" + (
+            "" if warmup == 1 else "s")
     warmup = config.get("warmup_steps", 0)
     return schedule + (f" after a linear warm-up of {warmup} updates" if warmup else "")
 

@@ -73,6 +73,12 @@ def test_grid_writes_runs_table_and_figures(small_study):
         assert row["step"] == "4" and 0 <= float(row["test_accuracy"]) <= 1
         assert float(row["seconds"]) > 0 and os.path.isdir(row["run_dir"])
         assert (row["precise_bn_test_accuracy"] != "") == (row["norm_type"] == "batch")
+        with open(os.path.join(row["run_dir"], "train_eval.json")) as f:
+            train_eval = json.load(f)
+        assert train_eval["split"] == "train" and train_eval["step"] == 4
+        assert sum(map(sum, train_eval["confusion_matrix"])) == 5000  # the sample's train split
+        assert float(row["train_accuracy"]) == pytest.approx(train_eval["accuracy"])
+        assert float(row["train_loss"]) == pytest.approx(train_eval["loss"])
     # Each run is an ordinary trainer run: config.json, checkpoints, events, result.json.
     run = small_study / "runs" / "batch-bs8-seed0"
     for name in ("config.json", "result.json", "precise_bn.json", "model-4.index", "train"):
@@ -87,7 +93,9 @@ def test_table_holds_the_means_of_the_csv(small_study):
     assert "| | batch 8 | batch 16 |" in table
     for name, norm_type, column in (("BN", "batch", "test_accuracy"),
                                     ("GN", "group", "test_accuracy"),
-                                    ("BN (precise)", "batch", "precise_bn_test_accuracy")):
+                                    ("BN (precise)", "batch", "precise_bn_test_accuracy"),
+                                    ("BN, training error", "batch", "train_accuracy"),
+                                    ("GN, training error", "group", "train_accuracy")):
         cells = [c.strip() for c in lines[name].split("|")[2:-1]]
         for batch_size, text in zip(("8", "16"), cells):
             (accuracy,) = [float(r[column]) for r in rows
@@ -98,6 +106,14 @@ def test_table_holds_the_means_of_the_csv(small_study):
     gn = [c.strip() for c in lines["GN"].split("|")[2:-1]]
     for d, b, g in zip(difference, bn, gn):
         assert float(d) == pytest.approx(float(b) - float(g), abs=0.11)
+    # Each seed's own numbers, to two decimals.
+    for row in rows:
+        name = {"batch": "BN", "group": "GN"}[row["norm_type"]]
+        cells = [c.strip() for c in lines[f"{name}, batch {row['batch_size']}, seed 0"]
+                 .split("|")[2:-1]]
+        precise = row["precise_bn_test_accuracy"]
+        assert cells == [f"{100 * (1 - float(accuracy)):.2f}" if accuracy else ""
+                         for accuracy in (row["test_accuracy"], precise, row["train_accuracy"])]
 
 
 def test_figures_decode_at_their_size(small_study):
@@ -130,7 +146,8 @@ def test_killed_cell_continues_to_the_weights_of_an_uninterrupted_run(tmp_path):
     """kill -9 of study.py and its trainer after a checkpoint; the same command then continues
     the cell from that checkpoint to the same final weights as a run never interrupted."""
     flags = ["--norm_types", "batch", "--batch_sizes", "8", "--precise_bn", "0",
-             "--max_training_step", "20", "--max_batch_size", "16", "--ckpt_save_step", "5"]
+             "--no-train_error", "--max_training_step", "20", "--max_batch_size", "16",
+             "--ckpt_save_step", "5"]
     run_dir = tmp_path / "killed" / "runs" / "batch-bs8-seed0"
     process = subprocess.Popen([sys.executable, "study.py", "--study_dir",
                                 str(tmp_path / "killed"), *flags], cwd=REPO,
@@ -161,7 +178,8 @@ def test_sigterm_stops_the_trainers_too_and_the_same_command_continues(tmp_path)
     too and saves, rather than training on with no study to watch it; the study exits 143 once
     the trainer has, and the same command continues the cell from that checkpoint."""
     flags = ["--norm_types", "group", "--batch_sizes", "8", "--precise_bn", "0",
-             "--max_training_step", "60", "--max_batch_size", "16", "--log_step", "1"]
+             "--no-train_error", "--max_training_step", "60", "--max_batch_size", "16",
+             "--log_step", "1"]
     study_dir = tmp_path / "study"
     log = study_dir / "logs" / "group-bs8-seed0.log"
     process = subprocess.Popen([sys.executable, "study.py", "--study_dir", str(study_dir),
@@ -183,7 +201,7 @@ def test_failed_cells_are_reported_and_the_others_finish(tmp_path, capsys):
     """--groups 48 does not divide the conv net's 64 channels: the GN cell fails, BN trains."""
     study_dir = tmp_path / "partial"
     status = run_study(study_dir, "--norm_types", "batch", "group", "--batch_sizes", "16",
-                       "--precise_bn", "0", "--groups", "48", *TINY)
+                       "--precise_bn", "0", "--no-train_error", "--groups", "48", *TINY)
     assert status == 1
     err = capsys.readouterr().err
     assert re.search(r"FAILED group-bs16-seed0: error: .*C=64 channels are not divisible by "
@@ -191,11 +209,12 @@ def test_failed_cells_are_reported_and_the_others_finish(tmp_path, capsys):
     assert "batch-bs16-seed0: test accuracy" in err
     assert "1 failed: group-bs16-seed0" in err
 
-    # --report collates what exists: the BN run only.
+    # --report collates what exists, the BN run only, measuring its training error then.
     os.remove(study_dir / "results.csv")
     assert run_study(study_dir, "--report", "--precise_bn", "0") == 0
     rows = read_csv(study_dir / "results.csv")
     assert [(r["norm_type"], r["batch_size"]) for r in rows] == [("batch", "16")]
+    assert 0 < float(rows[0]["train_accuracy"]) <= 1
     assert "| GN |" not in (study_dir / "results.md").read_text()
 
 
@@ -237,7 +256,8 @@ def test_paper_protocol_derives_each_cells_update_rate_and_steps(tmp_path):
                        "--devices_per_update", "2", "--reference_batch", "64",
                        "--norm_types", "group", "--batch_sizes", "8", "16",
                        "--group_counts", "8", "--channels_per_group_list", "16",
-                       "--precise_bn", "0", "--jobs", "2", "--learning_rate", "0.002",
+                       "--precise_bn", "0", "--no-train_error", "--jobs", "2",
+                       "--learning_rate", "0.002",
                        "--log_step", "2", "--test_sample_step", "2", "--write_summary_step", "2")
     assert status == 0
     expected = {8: (16, 0.002 * 16 / 64, 7), 16: (32, 0.002 * 32 / 64, 4)}
@@ -285,6 +305,21 @@ def test_paper_protocol_commands_carry_the_derived_flags(tmp_path, capsys):
     assert commands[1].endswith("/runs/group+ws-bs2-seed0")
 
 
+def test_paper_protocol_warms_up_over_the_same_epochs_at_every_batch(tmp_path, capsys):
+    """--warmup_epochs W: W epochs of updates at every batch size (0.5 of 5,000 examples: 157
+    updates of 16 at batch 2, 20 of 128 at batch 16), named in the table's schedule."""
+    assert run_study(tmp_path, "--protocol", "paper", "--epochs", "1", "--warmup_epochs", "0.5",
+                     "--norm_types", "group", "--batch_sizes", "2", "16",
+                     "--print_commands") == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert "--max_training_step 313 --warmup_steps 157 " in commands[0]
+    assert "--max_training_step 40 --warmup_steps 20 " in commands[1]
+    protocol = study.read_json(tmp_path / "study.json")["protocol"]
+    assert study_report.schedule_text({"lr_schedule": "cosine", "warmup_steps": 157},
+                                      protocol) == (
+        "cosine-decayed to 0 after a linear warm-up over the first 0.5 epochs")
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--epochs", "2"], "--epochs sets the paper's protocol — add --protocol paper"),
     (["--protocol", "paper"], "--protocol paper trains every cell for the same epochs — pass "
@@ -292,6 +327,11 @@ def test_paper_protocol_commands_carry_the_derived_flags(tmp_path, capsys):
     (["--protocol", "paper", "--epochs", "2", "--max_training_step", "9"],
      "--max_training_step is derived for each cell under --protocol paper — pass --epochs"),
     (["--protocol", "paper", "--epochs", "0"], "--epochs must be positive"),
+    (["--warmup_epochs", "1"], "--warmup_epochs sets the paper's protocol"),
+    (["--protocol", "paper", "--epochs", "2", "--warmup_steps", "9"],
+     "--warmup_steps is derived for each cell under --protocol paper — pass --warmup_epochs"),
+    (["--protocol", "paper", "--epochs", "2", "--warmup_epochs", "3"],
+     "--warmup_epochs 3 is longer than --epochs 2 — pass a shorter warm-up"),
     (["--group_counts", "4", "--groups", "8"], "--groups and --group_counts / "
                                                "--channels_per_group_list both set"),
     (["--norm_types", "group+xx"], "--norm_types: unknown 'group+xx'"),

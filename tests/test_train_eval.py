@@ -164,6 +164,24 @@ def test_evaler_json_on_run_directory(batch_norm_run, capsys):
     assert result["accuracy"] > 0.2  # six updates already beat chance (0.1)
 
 
+def test_evaler_split_train_is_the_training_error_in_inference_mode(batch_norm_run, capsys):
+    """--split train: every training example once, as the network in inference mode classifies
+    it, the same counts a direct prediction over the training images gives."""
+    evaler.main(["--checkpoint", batch_norm_run, "--split", "train", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "train"
+    confusion = np.array(result["confusion_matrix"])
+    _, data = input_ops.load("sample", "./datasets")
+    assert confusion.sum() == data.num_train == 5000
+    assert confusion.sum(axis=1).tolist() == np.bincount(data.train_labels, minlength=10).tolist()
+    config = runs.read_run_config(runs.latest_checkpoint(batch_norm_run))
+    model = runs.restore_model(runs.latest_checkpoint(batch_norm_run), config, data)
+    images = data.train_images.astype(np.float32) / 255.0
+    predicted = np.argmax(model.predict(images, batch_size=500, verbose=0), axis=-1)
+    # Batches of another size may round a near tie the other way: a few examples at most.
+    assert result["accuracy"] == pytest.approx(np.mean(predicted == data.train_labels), abs=1e-3)
+
+
 def test_evaler_text_report(batch_norm_run, capsys):
     evaler.main(["--checkpoint", os.path.join(batch_norm_run, "model-3")])
     out = capsys.readouterr().out
