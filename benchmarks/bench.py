@@ -1,4 +1,5 @@
-"""Measures speed on this machine and prints ratios (absolute times vary between machines).
+"""Measures speed on this machine and prints ratios (absolute times vary between machines), after
+a first line naming the CPU and its vector instruction sets.
 
     python benchmarks/bench.py                     # every section, a table each
     python benchmarks/bench.py --quick --json      # fewer repeats; machine-readable
@@ -66,7 +67,7 @@ import ops  # noqa: E402
 import train_flags  # noqa: E402
 import updates  # noqa: E402
 from datasets import hdf5_format  # noqa: E402
-from kernels import optimizers, policy  # noqa: E402
+from kernels import cpu, optimizers, policy  # noqa: E402
 
 SECTIONS = ("norm", "step", "ghost", "input", "convert", "scale", "memory")
 NORM_SHAPES = [(32, 32, 32, 64), (8, 56, 56, 256), (2, 16, 16, 512)]
@@ -642,8 +643,9 @@ def main(argv=None):
                 "convert": lambda r: print(f"HDF5 conversion of {r['images']:,} 28x28 images: "
                                            f"{r['seconds']:.2f} s"),
                 "scale": print_scale, "memory": print_memory}
-    results = {"kernels": policy.describe()}
+    results = {"cpu": cpu.describe(), "kernels": policy.describe()}
     if not args.json:
+        print(results["cpu"])
         print(results["kernels"])
     for section in args.sections:
         results[section] = runners[section]()

@@ -11,6 +11,7 @@ import pytest
 
 import kernels
 import model as model_lib
+from kernels import cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +33,7 @@ def test_json_report_of_the_convert_section():
     result = run_bench("--sections", "convert", "--quick", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
+    assert report["cpu"] == cpu.describe()  # every number names its CPU
     built = shutil.which(kernels.compiler()) is not None
     assert report["kernels"].startswith("kernels: GroupNorm C++" if built else
                                         "kernels: GroupNorm TensorFlow-op kernels")
