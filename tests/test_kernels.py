@@ -4,6 +4,8 @@ test_ops.py."""
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,10 @@ import tensorflow as tf
 
 import kernels
 import ops
+from kernels import cpu
 from kernels import policy as kernel_policy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 needs_compiler = pytest.mark.skipif(shutil.which(kernels.compiler()) is None,
                                     reason="no C++ compiler here")
@@ -47,6 +52,77 @@ def test_the_library_name_follows_source_and_tensorflow_version(tmp_path, monkey
     monkeypatch.undo()
     monkeypatch.setattr(tf, "__version__", tf.__version__ + ".other")
     assert kernels.library_path() != name
+
+
+def test_the_library_name_follows_the_cpus_instruction_sets(monkeypatch):
+    """A build folder shared by machines of two CPU kinds never hands one the other's build."""
+    name = kernels.library_path()
+    this = cpu.this_cpu()
+    monkeypatch.setattr(cpu, "this_cpu", lambda: cpu.Cpu(this.model, this.flags ^ {"avx512f"}))
+    assert kernels.library_path() != name
+
+
+@needs_compiler
+def test_a_compiler_that_refuses_the_native_flags_builds_the_portable_library(tmp_path,
+                                                                             monkeypatch):
+    """A compiler without some of NATIVE_FLAGS (GCC before 12 lacks -mno-avx512fp16) still builds
+    the kernels, for any x86-64."""
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncase "$*" in *-march=native*) '
+                       f'echo "error: unrecognized option" >&2; exit 1;; esac\n'
+                       f'exec {shutil.which(kernels.compiler())} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    path = tmp_path / "build" / "group_norm-test.so"
+    kernels.build(str(path))
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    native, portable = calls.read_text().splitlines()
+    assert all(flag in native.split() for flag in kernels.NATIVE_FLAGS)
+    assert not any(flag in portable.split() for flag in kernels.NATIVE_FLAGS)
+
+
+PORTABLE_OUTPUTS = """
+import sys
+import numpy as np
+import tensorflow as tf
+import kernels
+from kernels import group_norm as gn_compute
+kernels.library_path = lambda: sys.argv[1]
+x, dy = (tf.constant(a) for a in np.load(sys.argv[2]).values())
+with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = gn_compute.fast(x, tf.ones([64]), tf.zeros([64]), 8, 1e-5, gn_compute.CPP_KERNELS)
+np.savez(sys.argv[3], y=y.numpy(), dx=tape.gradient(y, x, output_gradients=dy).numpy())
+"""
+
+
+@needs_compiler
+def test_the_native_build_computes_the_portable_builds_numbers_bit_for_bit(tmp_path):
+    """The library this process runs (built for its CPU) and one built for any x86-64 give the
+    same outputs and gradients to the last bit, so the vector width never moves a result. The
+    portable one runs in a process of its own: a process registers the ops from one library."""
+    from kernels import group_norm as gn_compute
+
+    portable = tmp_path / "portable.so"
+    result = subprocess.run(kernels._compile_command(str(portable), native=False),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rng = np.random.default_rng(0)
+    x, dy = (rng.standard_normal((3, 13, 11, 64)).astype(np.float32) * 2 + 1 for _ in range(2))
+    np.savez(tmp_path / "inputs.npz", x=x, dy=dy)
+    result = subprocess.run([sys.executable, "-c", PORTABLE_OUTPUTS, str(portable),
+                             str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs = np.load(tmp_path / "outputs.npz")
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = gn_compute.fast(x, tf.ones([64]), tf.zeros([64]), 8, 1e-5, gn_compute.CPP_KERNELS)
+    np.testing.assert_array_equal(y.numpy(), theirs["y"])
+    np.testing.assert_array_equal(tape.gradient(y, x, output_gradients=tf.constant(dy)).numpy(),
+                                  theirs["dx"])
 
 
 @pytest.mark.parametrize("compiler,reason", [
