@@ -17,12 +17,13 @@ def default_model(image_size):
 
 def build_model(name, input_shape, num_classes, norm_type, groups=ops.DEFAULT_GROUPS,
                 weight_std=False, dropout=0.5, channels_per_group=None, zero_init_residual=False,
-                ghost_batch_size=None):
+                ghost_batch_size=None, renorm_relax=None):
     """The `--model` network for images of `input_shape` (H, W, C); raises ValueError on a bad
     name, on a channel count that `groups` (or `channels_per_group`, which replaces it) does not
     divide, and on `zero_init_residual` (the scale of each residual block's last norm starts at
     0) for a net without residual blocks or norm. `ghost_batch_size`: BN's examples per
-    statistic in training, when a call holds several such batches."""
+    statistic in training, when a call holds several such batches. `renorm_relax`: the updates
+    over which batch renorm relaxes its clipping (ops.BatchRenorm's `relax`)."""
     builders = {"conv": conv_net, "resnet": resnet, "resnet20": resnet20}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
@@ -31,7 +32,8 @@ def build_model(name, input_shape, num_classes, norm_type, groups=ops.DEFAULT_GR
                          f"choose one of {', '.join(RESIDUAL_MODELS)}")
     inputs = keras.Input(shape=input_shape, name="images")
     norm = dict(norm_type=norm_type, groups=groups, channels_per_group=channels_per_group,
-                weight_std=weight_std, ghost_batch_size=ghost_batch_size)
+                weight_std=weight_std, ghost_batch_size=ghost_batch_size,
+                renorm_relax=renorm_relax)
     logits = builders[name](inputs, num_classes, norm, dropout, zero_init_residual)
     if logits.dtype != "float32":  # a mixed-precision policy: the softmax and loss in float32
         logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
@@ -41,18 +43,22 @@ def build_model(name, input_shape, num_classes, norm_type, groups=ops.DEFAULT_GR
 def conv_net(x, num_classes, norm, dropout, zero_init_residual):
     """The 2018 small-image net: four 4x4 stride-2 convs (64-512 channels), each followed by
     leaky ReLU(0.2), the norm and dropout; then the last map flattened and fully connected 512,
-    128, 32, n without norm.
+    128, 32, n without norm. A norm that carries its own nonlinearity (FRN + TLU, EvoNorm)
+    replaces the leaky ReLU and the norm together: conv, that norm, dropout.
 
     Flattening, not global average pooling, is what lets instance norm and BN at batch 1 learn
     here: both normalize each channel of one example over its positions, so the positions' mean
     is exactly beta and a pooled map would carry nothing about the image."""
+    carried = ops.carries_activation(norm["norm_type"])
     for i, filters in enumerate((64, 128, 256, 512)):
         x = ops.conv2d(x, filters, kernel_size=4, strides=2, weight_std=norm["weight_std"],
                        use_bias=True, name=f"conv{i}")
-        x = ops.LeakyReLU(0.2, name=f"conv{i}_act")(x)
+        if not carried:
+            x = ops.LeakyReLU(0.2, name=f"conv{i}_act")(x)
         x = ops.norm(x, norm["norm_type"], norm["groups"], name=f"conv{i}_norm",
                      channels_per_group=norm["channels_per_group"],
-                     ghost_batch_size=norm["ghost_batch_size"])
+                     ghost_batch_size=norm["ghost_batch_size"],
+                     renorm_relax=norm["renorm_relax"], nonlinear=carried)
         x = keras.layers.Dropout(dropout, name=f"conv{i}_dropout")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate((512, 128, 32)):

@@ -41,14 +41,23 @@ def build_parser(**options):
     net = parser.add_argument_group("model")
     net.add_argument("--model", choices=choices.MODELS, default=None,
                      help="network (default: conv for images up to 32 px, resnet above)")
+    start, d_max_at, r_max_at = (f"{100 * fraction:g}%%" for fraction in choices.RENORM_RELAX)
     net.add_argument("--norm_type", choices=choices.NORM_TYPES, default="group",
-                     help="normalization after each conv (default: %(default)s)")
+                     help=f"normalization after each conv (default: %(default)s). batch_renorm "
+                          f"(Batch Renormalization) is plain BN for the first {start} of the "
+                          f"--max_training_step updates, then its clipping relaxes linearly to "
+                          f"d_max 5 at {d_max_at} and r_max 3 at {r_max_at} (the paper's 5k, 25k "
+                          f"and 40k updates over a run of 80k). "
+                          f"{', '.join(choices.NORMS_WITH_ACTIVATION)} carry their "
+                          "own nonlinearity (FRN + TLU, EvoNorm-S0, -B0) and take the place of "
+                          "the norm and its activation (docs/norm_family.md)")
     net.add_argument("--groups", type=int, default=None,
-                     help=f"GN groups G; must divide every normalized layer's channels "
-                          f"(default: {choices.DEFAULT_GROUPS})")
+                     help=f"GN's and evonorm_s0's groups G; must divide every normalized "
+                          f"layer's channels (default: {choices.DEFAULT_GROUPS})")
     net.add_argument("--channels_per_group", type=int, default=None, metavar="C",
-                     help="instead of --groups: C channels in every GN group, so a layer of "
-                          "width W has W / C groups (the paper's Table 3, lower half)")
+                     help="instead of --groups: C channels in every GN (or evonorm_s0) group, "
+                          "so a layer of width W has W / C groups (the paper's Table 3, lower "
+                          "half)")
     net.add_argument("--weight_std", action="store_true",
                      help="weight-standardized convs (Qiao et al. 2019)")
     net.add_argument("--dropout", type=float, default=0.2,
@@ -66,9 +75,10 @@ def build_parser(**options):
     learn.add_argument("--pass_size", type=pass_size_value, default=None, metavar="P",
                        help="examples of one forward-backward pass per replica: a multiple of "
                             "--batch_size that divides the update's share of a replica, or max "
-                            "(all of it). BN normalizes each --batch_size of them by their own "
-                            "statistics (ghost batches), so one pass of P computes what P / "
-                            "batch_size passes do, in less time (default: --batch_size)")
+                            "(all of it). BN (and batch_renorm, evonorm_b0) normalizes each "
+                            "--batch_size of them by their own statistics (ghost batches), so "
+                            "one pass of P computes what P / batch_size passes do, in less time "
+                            "(default: --batch_size)")
     learn.add_argument("--no_accumulate", "--no_adjust_learning_rate", action="store_true",
                        help="one update per pass (batch_size x replicas examples) instead, "
                             "no accumulation (--no_adjust_learning_rate: the 2018 repo's name)")

@@ -125,14 +125,16 @@ def passes_per_update(config, replicas, size):
 
 def build_model(config, data, examples_per_pass):
     """The `--model` network for this dataset, its BN normalizing ghost batches of --batch_size
-    when a replica's pass holds more (`examples_per_pass`); a bad --groups or
-    --channels_per_group becomes a one-line error."""
+    when a replica's pass holds more (`examples_per_pass`), its batch renorm relaxing its
+    clipping over --max_training_step as the paper's over its run (ops.paper_renorm_relax); a
+    bad --groups or --channels_per_group becomes a one-line error."""
     ghost_batch_size = config.batch_size if examples_per_pass > config.batch_size else None
     try:
         return model_lib.build_model(config.model, data.image_shape, data.num_classes,
                                      config.norm_type, config.groups, config.weight_std,
                                      config.dropout, config.channels_per_group,
-                                     config.zero_init_residual, ghost_batch_size)
+                                     config.zero_init_residual, ghost_batch_size,
+                                     ops.paper_renorm_relax(config.max_training_step))
     except ValueError as error:
         flag = "--groups" if config.channels_per_group is None else "--channels_per_group"
         raise UsageError(f"{error}, and pass it as {flag}") from None
@@ -209,6 +211,7 @@ class Updater:
             check_statistics(config, self.model, self.share.replicas)
             self.optimizer = build_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
+        ops.follow_updates(self.model, self.optimizer.iterations)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self.forward_backward = (tf.function(self.loss_and_gradients, jit_compile=True)
                                  if config.jit_compile else self.loss_and_gradients)

@@ -6,6 +6,11 @@
     BatchNorm in training  cpp (GroupNorm's kernels), fused (FusedBatchNormV3), keras; over
                            ghost batches: cpp, tf_ops, plain
     BatchNorm otherwise    fused, keras
+    BatchRenorm            in training BatchNorm's (cpp, fused, keras: plain TensorFlow ops)
+                           with r and d folded into its scale and offset; over ghost batches,
+                           plain; otherwise BatchNorm's
+    FilterResponseNorm,    TensorFlow ops (one implementation, differentiated by autodiff)
+    EvoNormS0, EvoNormB0
     Conv2D                 patches (a product of gathered patches, on small maps), onednn
                            (TensorFlow's oneDNN gradient kernels, on large convolutions),
                            tensorflow
@@ -185,8 +190,9 @@ def group_norm_kernel(switches, inputs, channels_last=True):
 
 
 def batch_norm_kernel(switches, inputs, training, plain_layer=False):
-    """'cpp', 'fused' or 'keras' for BatchNorm on `inputs`; `plain_layer`: a configuration only
-    Keras's computation serves (synchronized, renorm, a mask, not 4-D channels last)."""
+    """'cpp', 'fused' or 'keras' for BatchNorm (and BatchRenorm) on `inputs`; `plain_layer`: a
+    configuration only Keras's computation (BatchRenorm's plain ops) serves (synchronized,
+    renorm, a mask, not 4-D channels last, ghost batches of BatchRenorm)."""
     if not switches.fast_ops or plain_layer or inputs.dtype not in FUSED_BATCH_NORM_DTYPES:
         return "keras"
     if training and _batch_norm_cpp_pays(inputs) and cpp_kernels_run(switches, inputs.dtype):
@@ -269,4 +275,5 @@ def describe():
     conv_text = "Conv2D patches on small maps" + (
         f", oneDNN gradients from {THRESHOLDS['onednn_conv_min_multiply_adds']:,} multiply-adds"
         if onednn else ", TensorFlow's gradients")
-    return f"kernels: {gn_text}; {bn_text}; {conv_text}; LeakyReLU gradient from its output"
+    return (f"kernels: {gn_text}; {bn_text} (BatchRenorm the same); FRN and EvoNorm TensorFlow "
+            f"ops; {conv_text}; LeakyReLU gradient from its output")

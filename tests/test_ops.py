@@ -310,10 +310,12 @@ def test_non_positive_groups_raise(groups):
 # ----------------------------------------------------------------------------------------------
 
 def test_norm_types_constant():
-    assert set(ops.NORM_TYPES) == {"batch", "sync_batch", "group", "layer", "instance", "none"}
+    assert set(ops.NORM_TYPES) == {"batch", "sync_batch", "group", "layer", "instance", "none",
+                                   "batch_renorm", "frn", "evonorm_s0", "evonorm_b0"}
 
 
-@pytest.mark.parametrize("norm_type", ops.NORM_TYPES)
+# The small-batch family's layers: tests/test_norm_family.py.
+@pytest.mark.parametrize("norm_type", ["batch", "sync_batch", "group", "layer", "instance", "none"])
 def test_norm_layer_returns_expected_layer(norm_type):
     channels, groups = 16, 4
     layer = ops.norm_layer(norm_type, channels, groups=groups, name=f"n_{norm_type}")
