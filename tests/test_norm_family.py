@@ -225,12 +225,16 @@ def test_layer_matches_its_float64_reference(case):
         _assert_close(gradients[name], expected[name], 1e-5, f"{name} gradient")
 
 
-def test_the_renorm_case_clips_both_ways():
-    """The batch renorm cases above test the clipping: r and d pass both bounds in some
-    channels and stay within them in others."""
-    _, _, r, d = np_renorm_corrections(_input(), **RENORM_MOVING, r_max=3.0, d_max=5.0)
+def _assert_clipping_both_ways(x, moving_mean, moving_variance):
+    """r and d of batch `x` pass both bounds (3 and 5) in some channels and stay within them in
+    others: a test on this batch tests the clipping."""
+    _, _, r, d = np_renorm_corrections(x, moving_mean, moving_variance, r_max=3.0, d_max=5.0)
     assert (r > 3).any() and (r < 1 / 3).any() and ((r > 1 / 3) & (r < 3)).any()
     assert (d > 5).any() and (d < -5).any() and (np.abs(d) < 5).any()
+
+
+def test_the_renorm_case_clips_both_ways():
+    _assert_clipping_both_ways(_input(), **RENORM_MOVING)
 
 
 def test_moving_statistics_after_several_calls():
@@ -271,9 +275,9 @@ def test_batch_renorm_with_fixed_clipping_matches_keras_renorm():
     renorm_stddev (an average of standard deviations, with renorm_momentum), and keeps a
     moving_stddev from which it derives moving_variance; ours takes them from moving_mean and
     sqrt(moving_variance + epsilon). Set before each call to what ours uses, Keras's layer must
-    give the same outputs and gradients, with the clipping active (see
-    test_the_renorm_case_clips_both_ways), and the same moving mean (its renorm_mean too, with
-    renorm_momentum = momentum). Its moving variance is not compared: it differs by design."""
+    give the same outputs and gradients, on batches that clip r and d both ways, and the same
+    moving mean after the call (its renorm_mean too, with renorm_momentum = momentum). Its
+    moving variance is not compared: it differs by design."""
     clipping = {"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}
     theirs = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON, renorm=True,
                                              renorm_clipping=clipping, renorm_momentum=MOMENTUM)
@@ -283,9 +287,12 @@ def test_batch_renorm_with_fixed_clipping_matches_keras_renorm():
         _set_weights(layer, SHAPE, {**affine, **RENORM_MOVING})
     upstream = _input(seed=7, loc=0.0, scale=1.0)
     for call in range(3):
+        for layer in (theirs, ours):  # far from each batch again: the clipping bites
+            _set_weights(layer, SHAPE, RENORM_MOVING)
         theirs.renorm_mean.assign(ours.moving_mean)
         theirs.renorm_stddev.assign(tf.sqrt(ours.moving_variance + EPSILON))
         x = _input(seed=20 + call)
+        _assert_clipping_both_ways(x, **RENORM_MOVING)
         expected = _forward_backward(theirs, x, True, upstream, ["gamma", "beta"])
         got = _forward_backward(ours, x, True, upstream, ["gamma", "beta"])
         _assert_close(got[0], expected[0], 1e-6, f"output {call}")
