@@ -428,6 +428,11 @@ def _fused_batch_norm_inference(x, scale, offset, mean, variance, epsilon):
         data_format="NHWC", is_training=False)[0]
 
 
+# Keras's BatchNormalization arguments that BatchRenorm does not take (nor keep in its config):
+# its own renorm, and statistics synchronized over replicas.
+KERAS_ONLY_ARGUMENTS = ("renorm", "renorm_clipping", "renorm_momentum", "synchronized")
+
+
 @keras.saving.register_keras_serializable(package="gn")
 class BatchRenorm(BatchNorm):
     """Batch Renormalization (Ioffe, NeurIPS 2017): batch norm whose training output is corrected
@@ -468,8 +473,7 @@ class BatchRenorm(BatchNorm):
     """
 
     def __init__(self, *args, r_max=3.0, d_max=5.0, relax=None, **kwargs):
-        refused = sorted(set(kwargs) & {"renorm", "renorm_clipping", "renorm_momentum",
-                                        "synchronized"})
+        refused = [name for name in KERAS_ONLY_ARGUMENTS if name in kwargs]
         if refused:
             raise ValueError(f"BatchRenorm takes r_max, d_max and relax, not {', '.join(refused)}")
         super().__init__(*args, **kwargs)
@@ -487,7 +491,7 @@ class BatchRenorm(BatchNorm):
     def get_config(self):
         config = {**super().get_config(), "r_max": self.r_max, "d_max": self.d_max,
                   "relax": None if self.relax is None else list(self.relax)}
-        for name in ("renorm", "renorm_clipping", "renorm_momentum", "synchronized"):
+        for name in KERAS_ONLY_ARGUMENTS:
             del config[name]
         return config
 
