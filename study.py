@@ -77,8 +77,8 @@ def parse_args(argv=None):
     grid = parser.add_argument_group("the grid (default: batch group / 1 2 4 8 16 32 64 / 0; "
                                      "in an existing --study_dir, its grid)")
     grid.add_argument("--norm_types", nargs="+", metavar="NORM",
-                      help="--norm_type values: batch, sync_batch, group, layer, instance, none; "
-                           "NORM+ws adds --weight_std (group+ws: GN + WS)")
+                      help=f"--norm_type values: {', '.join(choices.NORM_TYPES)}; NORM+ws adds "
+                           "--weight_std (group+ws: GN + WS)")
     grid.add_argument("--batch_sizes", nargs="+", type=int, metavar="B",
                       help="--batch_size values (examples per normalization statistic)")
     grid.add_argument("--seeds", nargs="+", type=int, metavar="S", help="--seed values")

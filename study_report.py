@@ -15,7 +15,8 @@ import train_flags
 import util
 
 NAMES = {"batch": "BN", "sync_batch": "sync BN", "group": "GN", "layer": "LN",
-         "instance": "IN", "none": "no norm"}
+         "instance": "IN", "none": "no norm", "batch_renorm": "BRN", "frn": "FRN",
+         "evonorm_s0": "EvoNorm-S0", "evonorm_b0": "EvoNorm-B0"}
 PRECISE = " (precise)"
 TRAINING = ", training error"
 CSV_COLUMNS = ("norm_type", "groups", "channels_per_group", "batch_size", "seed", "step",
