@@ -3,7 +3,8 @@ MultiWorkerMirroredStrategy over two local processes, SIGTERM, mixed precision, 
 
 A process holds one MirroredStrategy at most (a second one's collectives fail), so every
 multi-replica run is a `trainer.py` process of its own; the one-replica references run in this
-process."""
+process. The runs whose numbers are compared train a network without kinks by momentum SGD
+(conftest.py's `without_kinks` says why), in every process."""
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ import input_ops
 import train_flags
 import trainer
 import updates
+from conftest import (MOMENTUM_SGD, assert_trained_alike, without_kinks,
+                      without_kinks_command)
 from kernels import policy as kernel_policy
 from test_train_eval import REPO, checkpoint_values, cli_error, wait_for_text
 
@@ -29,14 +32,18 @@ from test_train_eval import REPO, checkpoint_values, cli_error, wait_for_text
 SMALL = ["--model", "conv", "--groups", "8", "--dropout", "0", "--no-augment",
          "--max_batch_size", "8", "--max_training_step", "3", "--log_step", "1",
          "--test_sample_step", "100", "--write_summary_step", "100"]
+# trainer.py as the runs compared are trained: the network without kinks.
+KINK_FREE_TRAINER = without_kinks_command("trainer")
 
 
-def start_trainer(run_dir, *flags, env=None, log_path=None):
-    """A trainer.py process training in `run_dir`, its output in `log_path` (<run_dir>.log)."""
+def start_trainer(run_dir, *flags, env=None, log_path=None,
+                  command=(sys.executable, "trainer.py")):
+    """A trainer.py process (run by `command`) training in `run_dir`, its output in `log_path`
+    (<run_dir>.log)."""
     log_path = log_path or f"{run_dir}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "trainer.py", *SMALL, "--run_dir", str(run_dir), *flags], cwd=REPO,
+            [*command, *SMALL, "--run_dir", str(run_dir), *flags], cwd=REPO,
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     process.log_path = log_path
     return process
@@ -55,10 +62,9 @@ def final_weights(run_dir):
     return checkpoint_values(tf.train.latest_checkpoint(str(run_dir)))
 
 
-def assert_same_weights(got, expected, **tolerance):
+def assert_same_weights(got, expected, start):
     assert got.keys() == expected.keys() and len(got) > 20
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], err_msg=name, **tolerance)
+    assert_trained_alike(got, expected, start)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +74,26 @@ def one_replica(tmp_path_factory):
     runs = {}
     for norm_type in ("group", "batch"):
         runs[norm_type] = root / norm_type
-        trainer.main([*SMALL, "--norm_type", norm_type, "--batch_size", "8",
-                      "--run_dir", str(runs[norm_type])])
+        with without_kinks():
+            trainer.main([*SMALL, *MOMENTUM_SGD, "--norm_type", norm_type, "--batch_size", "8",
+                          "--run_dir", str(runs[norm_type])])
     return runs
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory):
+    """{norm_type: the values a checkpoint of the runs above holds before their first update}."""
+    root = tmp_path_factory.mktemp("initial")
+    _, data = input_ops.load("sample", "./datasets")
+    values = {}
+    for norm_type in ("group", "batch"):
+        config = train_flags.parse_args([*SMALL, *MOMENTUM_SGD, "--norm_type", norm_type,
+                                         "--batch_size", "8"])
+        with without_kinks():
+            run = updates.Updater(config, data)
+        state = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer)
+        values[norm_type] = checkpoint_values(state.write(str(root / norm_type)))
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +101,24 @@ def two_replicas(tmp_path_factory):
     """{norm_type: run directory} of 2 logical devices x 4 examples, checkpoints at every step."""
     root = tmp_path_factory.mktemp("two_replicas")
     runs = {norm: root / norm for norm in ("group", "sync_batch", "batch")}
-    processes = [start_trainer(run_dir, "--devices", "2", "--strategy", "mirrored",
-                               "--norm_type", norm, "--batch_size", "4", "--ckpt_save_step", "1")
+    processes = [start_trainer(run_dir, *MOMENTUM_SGD, "--devices", "2", "--strategy", "mirrored",
+                               "--norm_type", norm, "--batch_size", "4", "--ckpt_save_step", "1",
+                               command=KINK_FREE_TRAINER)
                  for norm, run_dir in runs.items()]
     for process in processes:
         finish(process)
     return runs
 
 
-def test_group_norm_updates_do_not_depend_on_the_replicas(one_replica, two_replicas):
+def test_group_norm_updates_do_not_depend_on_the_replicas(one_replica, two_replicas, initial):
     assert_same_weights(final_weights(two_replicas["group"]), final_weights(one_replica["group"]),
-                        rtol=1e-4, atol=1e-5)
+                        initial["group"])
 
 
 def test_sync_batch_over_two_replicas_is_batch_norm_over_their_examples(one_replica,
-                                                                       two_replicas):
+                                                                       two_replicas, initial):
     assert_same_weights(final_weights(two_replicas["sync_batch"]),
-                        final_weights(one_replica["batch"]), rtol=1e-4, atol=1e-5)
+                        final_weights(one_replica["batch"]), initial["batch"])
 
 
 def test_batch_norm_statistics_stay_per_replica(one_replica, two_replicas):
@@ -116,13 +140,14 @@ def test_continuing_on_two_devices_is_exact(two_replicas, tmp_path):
     resumed = tmp_path / "resumed"
     finish(start_trainer(resumed, "--devices", "2", "--norm_type", "sync_batch",
                          "--batch_size", "4", "--checkpoint",
-                         str(two_replicas["sync_batch"] / "model-1")))
+                         str(two_replicas["sync_batch"] / "model-1"), command=KINK_FREE_TRAINER))
     got, expected = final_weights(resumed), final_weights(two_replicas["sync_batch"])
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def test_evaler_restores_a_mirrored_checkpoint_on_one_device(two_replicas, capsys):
+def test_evaler_restores_a_mirrored_checkpoint_on_one_device(two_replicas, kink_free_network,
+                                                            capsys):
     evaler.main(["--checkpoint", str(two_replicas["sync_batch"]), "--json"])
     evaluated = json.loads(capsys.readouterr().out)
     with open(two_replicas["sync_batch"] / "result.json") as f:
@@ -135,7 +160,7 @@ def test_evaler_splits_batches_over_two_devices(two_replicas):
     """Batches of 99 (the last of 10) split unevenly over 2 replicas; the gathered results are
     those of one device."""
     output = subprocess.run(
-        [sys.executable, "evaler.py", "--checkpoint", str(two_replicas["sync_batch"]),
+        [*without_kinks_command("evaler"), "--checkpoint", str(two_replicas["sync_batch"]),
          "--devices", "2", "--batch_size", "99", "--json"], cwd=REPO, capture_output=True,
         text=True, timeout=300)
     assert output.returncode == 0, output.stderr[-3000:]
@@ -157,9 +182,9 @@ def free_ports(count):
     return ports
 
 
-def start_workers(tmp_path, *flags):
-    """Two trainer.py processes of MultiWorkerMirroredStrategy training one run in
-    <tmp_path>/run, each with 4 examples of every update; their temporary files go to
+def start_workers(tmp_path, *flags, command=(sys.executable, "trainer.py")):
+    """Two trainer.py processes (run by `command`) of MultiWorkerMirroredStrategy training one
+    run in <tmp_path>/run, each with 4 examples of every update; their temporary files go to
     <tmp_path>/tmp, their output to <tmp_path>/worker<index>.log."""
     workers = [f"localhost:{port}" for port in free_ports(2)]
     scratch = tmp_path / "tmp"
@@ -171,17 +196,18 @@ def start_workers(tmp_path, *flags):
             tmp_path / "run", "--strategy", "multi_worker", "--norm_type", "group",
             "--batch_size", "4", *flags,
             env={"TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)},
-            log_path=tmp_path / f"worker{index}.log"))
+            log_path=tmp_path / f"worker{index}.log", command=command))
     return processes
 
 
-def test_two_workers_train_as_one_replica_of_their_batch(one_replica, tmp_path):
+def test_two_workers_train_as_one_replica_of_their_batch(one_replica, initial, tmp_path):
     """Two processes of MultiWorkerMirroredStrategy, each with 4 examples of every update: GN
     ends where one replica with all 8 does; only the chief writes the run directory."""
     run_dir = tmp_path / "run"
-    outputs = [finish(process) for process in start_workers(tmp_path)]
+    outputs = [finish(process)
+               for process in start_workers(tmp_path, *MOMENTUM_SGD, command=KINK_FREE_TRAINER)]
     assert_same_weights(final_weights(run_dir), final_weights(one_replica["group"]),
-                        rtol=1e-4, atol=1e-5)
+                        initial["group"])
     chief_done, worker_done = (output[output.index("done:"):].splitlines()[0]
                                for output in outputs)
     assert chief_done == worker_done  # the same weights give the same test loss and accuracy
@@ -290,7 +316,7 @@ def test_devices_are_refused_where_there_are_gpus(monkeypatch, capsys):
     assert "this machine has 1 GPU(s) — drop --devices" in error
 
 
-def test_jit_compile_trains_like_the_plain_graph(monkeypatch):
+def test_jit_compile_trains_like_the_plain_graph(monkeypatch, kink_free_network):
     """--jit_compile: each replica's pass compiled by XLA (GN on its TensorFlow-op kernels) gives
     the plain graph's losses to float32 rounding."""
     _, data = input_ops.load("sample", "./datasets")
@@ -300,8 +326,8 @@ def test_jit_compile_trains_like_the_plain_graph(monkeypatch):
                         lambda: in_xla.append(original()) or in_xla[-1])
     losses = {}
     for jit_compile in (False, True):
-        config = train_flags.parse_args([*SMALL, "--batch_size", "4"]
-                                    + (["--jit_compile"] if jit_compile else []))
+        config = train_flags.parse_args([*SMALL, *MOMENTUM_SGD, "--batch_size", "4"]
+                                        + (["--jit_compile"] if jit_compile else []))
         config.augment = False
         keras.utils.set_random_seed(0)
         run = updates.Updater(config, data)

@@ -1,7 +1,8 @@
 """A TensorFlow or Keras release without the private pieces the fast paths use makes the repo
 slower, never broken: each piece is taken away here as a release would (an import that fails, a
 Keras attribute gone), and training still runs, with one warning line, to the reference's
-numbers."""
+numbers: those of a network without kinks, trained by momentum SGD, to float32 rounding
+(conftest.py's `without_kinks` says why)."""
 import logging
 import sys
 
@@ -14,6 +15,7 @@ import input_ops
 import kernels
 import train_flags
 import updates
+from conftest import MOMENTUM_SGD, assert_trained_alike
 from kernels import conv as conv_kernels
 from kernels import policy as kernel_policy
 from kernels import optimizers
@@ -22,16 +24,17 @@ SAMPLE = input_ops.load("sample", "./datasets")[1]
 
 
 def weights_after(count, *extra):
-    """The conv net's weights after `count` updates of 32 examples (batches of 16) on the
-    sample, no dropout: the same examples whatever the kernels."""
+    """The conv net's weights before and after `count` updates of 32 examples (batches of 16)
+    on the sample, no dropout: the same examples whatever the kernels."""
     config = train_flags.parse_args(["--batch_size", "16", "--max_batch_size", "32",
                                      "--dropout", "0", "--max_training_step", "10", *extra])
     config.model, config.augment = "conv", False
     tf.keras.utils.set_random_seed(0)
     run = updates.Updater(config, SAMPLE)
+    before = [v.numpy() for v in run.model.weights]
     for _ in range(count):
         run.train_step()
-    return [v.numpy() for v in run.model.weights]
+    return before, [v.numpy() for v in run.model.weights]
 
 
 def remove_module(monkeypatch, package, name):
@@ -58,36 +61,34 @@ def fresh_checks():
 
 @pytest.mark.parametrize("norm_type", ["group", "batch"])
 def test_without_the_xla_context_test_norms_run_their_tensorflow_op_kernels(
-        norm_type, monkeypatch, fresh_checks, caplog):
-    reference = weights_after(3, "--norm_type", norm_type)
+        norm_type, monkeypatch, fresh_checks, kink_free_network, caplog):
+    start, reference = weights_after(3, "--norm_type", norm_type, *MOMENTUM_SGD)
     kernel_policy._xla_context_test.cache_clear()
     remove_module(monkeypatch, "tensorflow.python.ops", "control_flow_util")
     monkeypatch.setattr(kernels, "group_norm_library", lambda: pytest.fail("C++ kernels ran"))
     with caplog.at_level(logging.WARNING, logger="gn"):
-        got = weights_after(3, "--norm_type", norm_type)
+        _, got = weights_after(3, "--norm_type", norm_type, *MOMENTUM_SGD)
     assert kernel_policy.in_xla_function()
     warnings = our_warnings(caplog)
     assert len(warnings) == 1 and "cannot tell an XLA-compiled function apart" in warnings[0]
-    for ours, theirs in zip(got, reference):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert_trained_alike(got, reference, start)
 
 
 def test_without_the_op_registry_convolutions_take_tensorflows_gradients(
-        monkeypatch, fresh_checks, caplog):
+        monkeypatch, fresh_checks, kink_free_network, caplog):
     assert conv_kernels.onednn_gradients_work(), "this machine runs the oneDNN gradients"
-    reference = weights_after(3)
+    start, reference = weights_after(3, *MOMENTUM_SGD)
     conv_kernels.onednn_gradients_work.cache_clear()
     remove_module(monkeypatch, "tensorflow.python.framework", "op_def_registry")
     monkeypatch.setattr(conv_kernels, "_onednn_gradients",
                         lambda *args: pytest.fail("oneDNN gradients ran"))
     with caplog.at_level(logging.WARNING, logger="gn"):
-        got = weights_after(3)
+        _, got = weights_after(3, *MOMENTUM_SGD)
         assert not conv_kernels.onednn_gradients_work()
     warnings = our_warnings(caplog)
     assert warnings == ["Conv2D takes TensorFlow's own gradients, not the oneDNN kernels: this "
                         "TensorFlow has no op registry to look them up in"]
-    for ours, theirs in zip(got, reference):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert_trained_alike(got, reference, start)
 
 
 @pytest.mark.parametrize("ours, keras_class", [

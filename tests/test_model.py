@@ -1,11 +1,16 @@
-"""model.py: every builder serves 28, 32 and 64 px inputs, is made of ops.py layers, and trains."""
+"""model.py: every builder serves 28, 32 and 64 px inputs, is made of ops.py layers, and trains;
+its activations' kink, and the kink-free networks that comparisons of training take."""
+import contextlib
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import input_ops
 import model as model_lib
 import ops
+from conftest import assert_trained_alike, without_kinks
 
 SHAPES = [(28, 28, 1), (32, 32, 3), (64, 64, 3)]
 
@@ -81,3 +86,45 @@ def test_resnet20_learns_a_batch(seed):
 
     losses = [float(step()) for _ in range(40)]
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def _one_sgd_step(net, images, labels, rate=0.01):
+    """The network's trainable weights before and after one SGD step on the batch."""
+    with tf.GradientTape() as tape:
+        logits = net(images, training=True)
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=True))
+    gradients = tape.gradient(loss, net.trainable_variables)
+    before = {w.path: w.numpy() for w in net.trainable_variables}
+    return before, {w.path: before[w.path] - rate * g.numpy()
+                    for w, g in zip(net.trainable_variables, gradients)}
+
+
+@pytest.mark.parametrize("kinks", ["leaky_relu", "without_kinks"])
+def test_rounding_at_the_kink_moves_the_weights_unless_there_is_none(kinks):
+    """Why comparisons of training across computations take conftest.py's `without_kinks`: two
+    runs of one SGD step whose inputs differ by float32 rounding (one pixel, 0 in one run and
+    one ulp of 1.0 in the other). The sample's images have a black corner, and the conv biases
+    start at 0, so conv0's pre-activations there are exactly 0, at LeakyReLU's kink; the pixel
+    puts those of about half the channels (where the kernel's tap is positive) on the other
+    side of it. With the kink, their gradient takes slope 1 instead of 0.2 and conv0's bias
+    moves by far more than rounding explains; without it, the two runs agree to rounding."""
+    data = input_ops.load("sample", "./datasets")[1]
+    images = data.train_images[:8].astype(np.float32) / 255
+    labels = data.train_labels[:8]
+    assert not images[0, :3, :3].any()  # conv0's first 4x4 window (padded by 1) sees only 0
+    nudged = images.copy()
+    nudged[0, 0, 0] = np.finfo(np.float32).eps  # 2**-23
+    with without_kinks() if kinks == "without_kinks" else contextlib.nullcontext():
+        keras.utils.set_random_seed(0)
+        net = model_lib.build_model("conv", images.shape[1:], 10, "group", dropout=0.0)
+    start, expected = _one_sgd_step(net, images, labels)
+    _, got = _one_sgd_step(net, nudged, labels)
+    if kinks == "without_kinks":
+        assert_trained_alike(got, expected, start)
+        return
+    bias = "conv0/bias"  # a jump of 0.8 x one position's gradient out of 8 x 14 x 14 positions
+    jump = np.abs(got[bias] - expected[bias]).max() / np.abs(expected[bias] - start[bias]).max()
+    assert jump > 1e-3, jump  # 6e-3 of its update; rounding gives ~1e-5
+    with pytest.raises(AssertionError, match=bias):
+        assert_trained_alike(got, expected, start)
