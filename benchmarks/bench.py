@@ -14,7 +14,8 @@ Sections:
            float32 and bfloat16; beside it TensorFlow's fused kernel as tf.keras 2 called it
            (FusedBatchNormV3 updating the moving averages itself), ops.BatchNorm on that kernel
            (GN_CPP_KERNELS=0) and ops.BatchNorm as --norm_type batch trains with (the kernels
-           kernels/policy.py picks)
+           kernels/policy.py picks); and the small-batch family (batch_renorm, frn, evonorm_s0,
+           evonorm_b0), the slowest of them over GN
   step     one training step (forward, backward, the trainer's fused Adam) of each model with
            BN and GN at batch 2 and 32: ms, images/s, GN / BN, and step / forward-only; where
            torch is importable, the same step of `conv` and `resnet20` rebuilt in PyTorch
@@ -82,6 +83,10 @@ TARGETS = {  # key: (what is measured, the largest value that meets the target)
     "gn_over_keras_gn_layer": ("GN / keras GN layer, [8,56,56,256]", 0.4),
     "gn_over_fused_bn_layer": ("GN / fused BN layer as tf.keras 2 ran it, float32, worst of the "
                                "three shapes", 0.9),
+    "our_bn_over_fused_bn_layer": ("our BN / fused BN layer as tf.keras 2 ran it, float32, worst "
+                                   "of the three shapes", 1.0),
+    "family_over_gn_layer": ("slowest of the small-batch family / GN layer, float32, worst of "
+                             "the three shapes", 1.5),
     "gn_over_bn_step": ("train step GN / BN, conv and resnet20, batch 2 and 32 (worst)", 1.0),
     "step_over_forward": ("train step / forward-only, conv, batch 32", 6.0),
     "step_over_torch": ("train step / PyTorch's, conv and resnet20, BN and GN, batch 2 and 32 "
@@ -179,6 +184,16 @@ class KerasTwoFusedBatchNorm(keras.layers.Layer):
         return outputs
 
 
+# The small-batch family, as the models build them (their nonlinearity on); the norm section
+# times each against GN.
+FAMILY = {
+    "batch_renorm": lambda dtype: ops.BatchRenorm(epsilon=1e-5, dtype=dtype),
+    "frn": lambda dtype: ops.FilterResponseNorm(dtype=dtype),
+    "evonorm_s0": lambda dtype: ops.EvoNormS0(GROUPS, epsilon=1e-5, dtype=dtype),
+    "evonorm_b0": lambda dtype: ops.EvoNormB0(epsilon=1e-5, dtype=dtype),
+}
+
+
 def norm_layers(channels, dtype_policy):
     """The layers the norm section compares, each built with the kernels it names."""
     with policy.using(cpp_kernels=False):
@@ -193,6 +208,7 @@ def norm_layers(channels, dtype_policy):
                                                          dtype=dtype_policy),
         "layer (ours)": ops.GroupNorm(1, epsilon=1e-5, dtype=dtype_policy),
         "instance (ours)": ops.GroupNorm(channels, epsilon=1e-5, dtype=dtype_policy),
+        **{name: layer(dtype_policy) for name, layer in FAMILY.items()},
     }
 
 
@@ -227,7 +243,11 @@ def bench_norm(rounds, seconds):
                          "gn_over_fused_bn": ratio(times, ["group (ours)"],
                                                    ["batch (tf.keras 2)"]),
                          "gn_over_our_bn": ratio(times, ["group (ours)"], ["batch (ours)"]),
-                         "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"])})
+                         "our_bn_over_fused_bn": ratio(times, ["batch (ours)"],
+                                                       ["batch (tf.keras 2)"]),
+                         "gn_over_keras_gn": ratio(times, ["group (ours)"], ["group (keras)"]),
+                         "family_over_gn": max(ratio(times, [name], ["group (ours)"])
+                                               for name in FAMILY)})
     return rows
 
 
@@ -235,12 +255,13 @@ def print_norm(rows):
     names = list(rows[0]["ms"])
     print("Normalization layer, forward + backward: ms (ratio to keras BatchNormalization)")
     print(f"  {'dtype':9}{'shape':18}" + "".join(f"{name:>22}" for name in names)
-          + f"{'GN/fused BN':>13}{'GN/our BN':>11}{'GN/keras GN':>13}")
+          + f"{'GN/fused BN':>13}{'GN/our BN':>11}{'GN/keras GN':>13}{'family/GN':>11}")
     for row in rows:
         cells = "".join(f"{f'{ms:.2f} ({over_bn:.2f}x)':>22}"
                         for ms, over_bn in zip(row["ms"].values(), row["over_bn"].values()))
         print(f"  {row['dtype']:9}{str(row['shape']):18}{cells}{row['gn_over_fused_bn']:>12.2f}x"
-              f"{row['gn_over_our_bn']:>10.2f}x{row['gn_over_keras_gn']:>12.2f}x")
+              f"{row['gn_over_our_bn']:>10.2f}x{row['gn_over_keras_gn']:>12.2f}x"
+              f"{row['family_over_gn']:>10.2f}x")
 
 
 # Training steps ---------------------------------------------------------------------------------
@@ -578,6 +599,8 @@ def target_values(results):
         values["gn_over_keras_gn_layer"] = next(r["gn_over_keras_gn"] for r in float32
                                                 if r["shape"] == [8, 56, 56, 256])
         values["gn_over_fused_bn_layer"] = max(r["gn_over_fused_bn"] for r in float32)
+        values["our_bn_over_fused_bn_layer"] = max(r["our_bn_over_fused_bn"] for r in float32)
+        values["family_over_gn_layer"] = max(r["family_over_gn"] for r in float32)
     if "step" in results:
         ratios = [r["gn_over_bn"] for r in results["step"] if r["model"] in ("conv", "resnet20")]
         conv32 = [r["step_over_forward"] for r in results["step"]
