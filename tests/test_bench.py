@@ -91,10 +91,12 @@ def test_ratio_is_the_median_of_the_ratios_within_each_round():
 def test_targets_are_read_from_their_sections_and_judged_against_their_limits():
     bench = load_bench()
     norm = [{"dtype": "float32", "shape": list(shape), "gn_over_bn": 0.5 + i / 10,
-             "gn_over_keras_gn": 0.3 + i / 10, "gn_over_fused_bn": 0.6 + i / 10}
+             "gn_over_keras_gn": 0.3 + i / 10, "gn_over_fused_bn": 0.6 + i / 10,
+             "our_bn_over_fused_bn": 0.9 + i / 10, "family_over_gn": 1.6 - i / 10}
             for i, shape in enumerate(bench.NORM_SHAPES)]
     norm.append({"dtype": "bfloat16", "shape": [32, 32, 32, 64], "gn_over_bn": 9.0,
-                 "gn_over_keras_gn": 9.0, "gn_over_fused_bn": 9.0})
+                 "gn_over_keras_gn": 9.0, "gn_over_fused_bn": 9.0, "our_bn_over_fused_bn": 9.0,
+                 "family_over_gn": 9.0})
     step = [{"model": "conv", "batch": 32, "gn_over_bn": 0.9, "step_over_forward": 5.0,
              "over_torch": 0.7},
             {"model": "resnet20", "batch": 2, "gn_over_bn": 1.2, "step_over_forward": 9.0},
@@ -104,13 +106,14 @@ def test_targets_are_read_from_their_sections_and_judged_against_their_limits():
                                              "seconds_to_first_update": 6.5}})
     assert values == pytest.approx({
         "gn_over_bn_layer": 0.5, "gn_over_keras_gn_layer": 0.4, "gn_over_fused_bn_layer": 0.8,
-        "gn_over_bn_step": 1.2, "step_over_forward": 5.0, "step_over_torch": 0.7,
+        "our_bn_over_fused_bn_layer": 1.1, "family_over_gn_layer": 1.6, "gn_over_bn_step": 1.2, "step_over_forward": 5.0, "step_over_torch": 0.7,
         "peak_memory": 1.0, "seconds_to_first_update": 6.5})
     lines = {line.split(":")[0].strip(): line for line in bench.target_lines(values)}
     assert len(lines) == len(values)  # the input section was not run
     verdicts = {key: lines[bench.TARGETS[key][0]].endswith(") met") for key in values}
     assert verdicts == {"gn_over_bn_layer": True, "gn_over_keras_gn_layer": True,
-                        "gn_over_fused_bn_layer": True, "gn_over_bn_step": False,
+                        "gn_over_fused_bn_layer": True, "our_bn_over_fused_bn_layer": False,
+                        "family_over_gn_layer": False, "gn_over_bn_step": False,
                         "step_over_forward": True, "step_over_torch": True,
                         "peak_memory": True, "seconds_to_first_update": False}
     assert "seconds from the HDF5 read to the first update, Tiny-ImageNet-sized file: 6.50 " \
