@@ -17,11 +17,11 @@ Krishnan 2020), `EvoNormS0` and `EvoNormB0` (Liu et al. 2020). The last three ca
 nonlinearity and take the place of a norm and its activation (`carries_activation`).
 Conv2D is channels-last. No flags, no I/O.
 
-Fast paths (GroupNorm's C++ or compiled kernels, BatchNorm's fused kernel, Conv2D's patches
-product and oneDNN gradients) give the same numbers as the plain TensorFlow ops. Which one a
-layer runs is decided by kernels/policy.py, from the switches in force when the layer is
-constructed (GN_FAST_OPS=0, GN_CPP_KERNELS=0, GN_ONEDNN_CONV=0 in the environment, or
-`policy.using(...)`); `plain_ops()` makes everything traced inside it plain.
+Fast paths (GroupNorm's C++ or compiled kernels, BatchNorm's fused kernel, the small-batch
+family's C++ kernels, Conv2D's patches product and oneDNN gradients) give the same numbers as the
+plain TensorFlow ops. Which one a layer runs is decided by kernels/policy.py, from the switches in
+force when the layer is constructed (GN_FAST_OPS=0, GN_CPP_KERNELS=0, GN_ONEDNN_CONV=0 in the
+environment, or `policy.using(...)`); `plain_ops()` makes everything traced inside it plain.
 """
 import functools
 import numbers
@@ -34,6 +34,7 @@ from choices import (DEFAULT_GROUPS, NORM_TYPES, NORMS_WITH_ACTIVATION,  # the f
                      RENORM_RELAX)
 from kernels import conv as conv_kernels
 from kernels import group_norm as gn_compute
+from kernels import norm_family as family_compute
 from kernels import policy
 from kernels.policy import plain_ops  # noqa: F401  (ops.plain_ops: the layers' export switch)
 
@@ -468,8 +469,10 @@ class BatchRenorm(BatchNorm):
             a function that `follow_updates` sets to read the optimizer's iterations.
 
     In training the corrections are folded into BN's scale and offset (gamma * r and gamma * d +
-    beta), so the normalization runs on BatchNorm's training kernels (kernels/policy.py); over
-    ghost batches, each with its own r and d, it is plain TensorFlow ops.
+    beta), so the normalization runs on BatchNorm's training kernels (kernels/policy.py), and r
+    and d come from one C++ op that reads the batch once (kernels/norm_family.py) where those
+    kernels are BatchNorm's fast ones; over ghost batches, each with its own r and d, it is plain
+    TensorFlow ops.
     """
 
     def __init__(self, *args, r_max=3.0, d_max=5.0, relax=None, **kwargs):
@@ -502,34 +505,42 @@ class BatchRenorm(BatchNorm):
             raise ValueError("BatchRenorm trains on channels-last inputs without a mask")
         ghosts = _ghost_batches(inputs, True, self.ghost_batch_size)
         channels = inputs.shape[-1]
-        batches = tf.reshape(tf.cast(inputs, tf.float32), [ghosts, -1, channels])
-        means, variances = tf.nn.moments(batches, axes=[1])
-        r, d = self._corrections(means, variances)
-        gamma, beta = self._scale_and_offset(channels)
-        scale, offset = gamma * r, gamma * d + beta  # [ghosts, C]
-        kernel = policy.batch_norm_kernel(policy.at_call(self._switches), inputs, True,
+        switches = policy.at_call(self._switches)
+        kernel = policy.batch_norm_kernel(switches, inputs, True,
                                           plain_layer=ghosts > 1 or self._keras_only(inputs, mask))
+        r_max, d_max = renorm_clipping(self._updates_made(), self.r_max, self.d_max, self.relax)
+        gamma, beta = self._scale_and_offset(channels)
+        if kernel != "keras" and policy.norm_family_kernel(switches) == "cpp":
+            r, d = family_compute.renorm_corrections(
+                family_compute.as_kernel_input(inputs), tf.cast(self.moving_mean, tf.float32),
+                tf.cast(self.moving_variance, tf.float32), r_max, d_max, self.epsilon)
+        else:
+            batches = tf.reshape(tf.cast(inputs, tf.float32), [ghosts, -1, channels])
+            means, variances = tf.nn.moments(batches, axes=[1])
+            r, d = self._corrections(means, variances, r_max, d_max)  # [ghosts, C]
+            if kernel != "keras":  # one batch
+                r, d = r[0], d[0]
+        scale, offset = gamma * r, gamma * d + beta
         if kernel == "keras":
             outputs = tf.reshape(tf.nn.batch_normalization(
                 batches, means[:, None], variances[:, None], offset[:, None], scale[:, None],
                 self.epsilon), tf.shape(inputs))
         else:
             normalize = BATCH_NORM_TRAINING_KERNELS[kernel]
-            outputs, mean, variance = normalize(inputs, scale[0], offset[0], self.epsilon)
+            outputs, mean, variance = normalize(inputs, scale, offset, self.epsilon)
             means, variances = mean[None], variance[None]
         _update_moving_averages(self.momentum, (self.moving_mean, means),
                                 (self.moving_variance, variances))
         return tf.cast(outputs, self.compute_dtype)
 
-    def _corrections(self, means, variances):
+    def _corrections(self, means, variances, r_max, d_max):
         """(r, d), [ghosts, C]: each ghost batch's statistics against the moving statistics
-        before it, clipped by the bounds in force, without gradient."""
+        before it, clipped by the bounds in force (`renorm_clipping`), without gradient."""
         moving_means = _moving_averages_before(tf.cast(self.moving_mean, tf.float32), means,
                                                self.momentum)
         moving_variances = _moving_averages_before(tf.cast(self.moving_variance, tf.float32),
                                                    variances, self.momentum)
         sigma = tf.sqrt(moving_variances + self.epsilon)
-        r_max, d_max = renorm_clipping(self._updates_made(), self.r_max, self.d_max, self.relax)
         r = tf.clip_by_value(tf.sqrt(variances + self.epsilon) / sigma, 1.0 / r_max, r_max)
         d = tf.clip_by_value((means - moving_means) / sigma, -d_max, d_max)
         return tf.stop_gradient(r), tf.stop_gradient(d)
@@ -589,7 +600,11 @@ class _AffineNorm(keras.layers.Layer):
     with Keras's initializer, regularizer and constraint arguments; the statistics and the
     arithmetic in float32 from the input as it arrives (no autocast: a float32 input to a
     mixed_bfloat16 layer is not rounded first), float32 weights, the output in the compute
-    dtype. A subclass adds its weights in `_add_weights` and computes in `_compute`."""
+    dtype. A subclass adds its weights in `_add_weights`, computes its reference in `_compute`
+    (TensorFlow ops on the float32 input, differentiated by autodiff) and the same numbers, to
+    float32 rounding, in `_compute_fast` (C++ kernels, kernels/norm_family.py), which runs where
+    kernels/policy.py says (`norm_family_kernel`) on the input as it arrives, and returns the
+    output in the input's dtype."""
 
     def __init__(self, epsilon, beta_initializer="zeros", gamma_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
@@ -603,6 +618,7 @@ class _AffineNorm(keras.layers.Layer):
         self.beta_constraint = keras.constraints.get(beta_constraint)
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
         self.autocast = False
+        self._switches = policy.current()
 
     def build(self, input_shape):
         if len(input_shape) < 2 or input_shape[-1] is None:
@@ -616,8 +632,13 @@ class _AffineNorm(keras.layers.Layer):
         self._add_weights(channels)
 
     def call(self, inputs, training=None):
-        outputs = self._compute(tf.cast(inputs, tf.float32), tf.cast(self.gamma, tf.float32),
-                                tf.cast(self.beta, tf.float32), bool(training and self.trainable))
+        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
+        learning = bool(training and self.trainable)
+        if policy.norm_family_kernel(policy.at_call(self._switches)) == "cpp":
+            outputs = self._compute_fast(family_compute.as_kernel_input(inputs), gamma, beta,
+                                         learning)
+        else:
+            outputs = self._compute(tf.cast(inputs, tf.float32), gamma, beta, learning)
         return tf.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -674,13 +695,21 @@ class FilterResponseNorm(_AffineNorm):
             name="eps_l", shape=(), initializer=keras.initializers.Constant(self.learned_epsilon),
             trainable=True, autocast=False)
 
+    def _epsilon(self):
+        """epsilon, plus |eps_l| where it is learned."""
+        if self.eps_l is None:
+            return self.epsilon
+        return self.epsilon + tf.abs(tf.cast(self.eps_l, tf.float32))
+
     def _compute(self, x, gamma, beta, learning):
-        epsilon = self.epsilon
-        if self.eps_l is not None:
-            epsilon += tf.abs(tf.cast(self.eps_l, tf.float32))
         nu2 = tf.reduce_mean(tf.square(x), axis=_positions(x), keepdims=True)
-        outputs = gamma * x * tf.math.rsqrt(nu2 + epsilon) + beta
+        outputs = gamma * x * tf.math.rsqrt(nu2 + self._epsilon()) + beta
         return outputs if self.tau is None else tf.maximum(outputs, tf.cast(self.tau, tf.float32))
+
+    def _compute_fast(self, x, gamma, beta, learning):
+        tau = tf.zeros_like(gamma) if self.tau is None else tf.cast(self.tau, tf.float32)
+        return family_compute.filter_response_norm(
+            x, gamma, beta, tau, tf.cast(self._epsilon(), tf.float32), tlu=self.tau is not None)
 
     def get_config(self):
         return {**super().get_config(), "tlu": self.tlu, "learned_epsilon": self.learned_epsilon,
@@ -724,6 +753,12 @@ class EvoNormS0(_AffineNorm):
             return x * gamma + beta
         gated = x * tf.sigmoid(tf.cast(self.v, tf.float32) * x)
         return gated / _group_std(x, self.groups, self.epsilon) * gamma + beta
+
+    def _compute_fast(self, x, gamma, beta, learning):
+        if self.v is None:
+            return self._compute(tf.cast(x, tf.float32), gamma, beta, learning)
+        return family_compute.evonorm_s0(x, gamma, beta, tf.cast(self.v, tf.float32),
+                                         self.groups, self.epsilon)
 
     def get_config(self):
         config = {**super().get_config(), "groups": self.groups,
@@ -804,6 +839,17 @@ class EvoNormB0(_AffineNorm):
         _, instance_variance = tf.nn.moments(x, axes=_positions(x), keepdims=True)
         right = tf.cast(self.v, tf.float32) * x + tf.sqrt(instance_variance + self.epsilon)
         return x / tf.maximum(tf.sqrt(batch_variance + self.epsilon), right) * gamma + beta
+
+    def _compute_fast(self, x, gamma, beta, learning):
+        if self.v is None:
+            return self._compute(tf.cast(x, tf.float32), gamma, beta, learning)
+        ghosts = _ghost_batches(x, True, self.ghost_batch_size) if learning else 0
+        outputs, variances = family_compute.evonorm_b0(
+            x, gamma, beta, tf.cast(self.v, tf.float32), tf.cast(self.moving_variance, tf.float32),
+            self.epsilon, ghosts)
+        if learning:
+            _update_moving_averages(self.momentum, (self.moving_variance, variances))
+        return outputs
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object

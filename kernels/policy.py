@@ -7,10 +7,11 @@
                            ghost batches: cpp, tf_ops, plain
     BatchNorm otherwise    fused, keras
     BatchRenorm            in training BatchNorm's (cpp, fused, keras: plain TensorFlow ops)
-                           with r and d folded into its scale and offset; over ghost batches,
-                           plain; otherwise BatchNorm's
-    FilterResponseNorm,    TensorFlow ops (one implementation, differentiated by autodiff)
-    EvoNormS0, EvoNormB0
+                           with r and d folded into its scale and offset, r and d from cpp
+                           (kernels/norm_family.cc) where BatchNorm's kernel is cpp or fused,
+                           else plain; over ghost batches, plain; otherwise BatchNorm's
+    FilterResponseNorm,    cpp (kernels/norm_family.cc: a forward and a closed-form backward op
+    EvoNormS0, EvoNormB0   each), plain (TensorFlow ops, differentiated by autodiff)
     Conv2D                 patches (a product of gathered patches, on small maps), onednn
                            (TensorFlow's oneDNN gradient kernels, on large convolutions),
                            tensorflow
@@ -20,7 +21,8 @@ Three switches choose among them, each read from the environment once per proces
 (`from_environment`):
 
     GN_FAST_OPS=0      the plain TensorFlow ops everywhere (the last of each row above)
-    GN_CPP_KERNELS=0   no C++ kernels: GroupNorm's TensorFlow-op kernels, BatchNorm's fused one
+    GN_CPP_KERNELS=0   no C++ kernels: GroupNorm's TensorFlow-op kernels, BatchNorm's fused one,
+                       the small-batch family's plain ops
     GN_ONEDNN_CONV=0   TensorFlow's own convolution gradients (so does TF_ENABLE_ONEDNN_OPTS=0)
 
 A layer takes the switches in force when it is built (`current()`) and keeps them, so a traced
@@ -42,6 +44,7 @@ import tensorflow as tf
 import kernels
 from kernels import conv as conv_kernels
 from kernels import group_norm
+from kernels import norm_family
 
 THRESHOLDS = {
     # GroupNorm's TensorFlow-op kernels run XLA-compiled from this many values: launching an XLA
@@ -217,6 +220,17 @@ def ghost_batch_norm_kernel(switches, inputs):
     return "cpp" if cpp_kernels_run(switches, inputs.dtype) else "tf_ops"
 
 
+def norm_family_kernel(switches):
+    """'cpp' or 'plain' for FilterResponseNorm, EvoNormS0 and EvoNormB0, and for BatchRenorm's
+    corrections r and d where BatchNorm's kernels normalize it (any input dtype: the kernels take
+    float32, bfloat16 and float16, and the layers cast others to float32, as their references
+    do)."""
+    if (switches.fast_ops and switches.cpp_kernels and not gpu_visible()
+            and not in_xla_function() and norm_family.library() is not None):
+        return "cpp"
+    return "plain"
+
+
 def conv_kernel(switches, input_shape, kernel_shape, strides, dtypes):
     """'patches', 'onednn' or 'tensorflow' for a channels-last, undilated, ungrouped, 'same'
     convolution whose input and kernel have `dtypes`."""
@@ -275,5 +289,8 @@ def describe():
     conv_text = "Conv2D patches on small maps" + (
         f", oneDNN gradients from {THRESHOLDS['onednn_conv_min_multiply_adds']:,} multiply-adds"
         if onednn else ", TensorFlow's gradients")
-    return (f"kernels: {gn_text}; {bn_text} (BatchRenorm the same); FRN and EvoNorm TensorFlow "
-            f"ops; {conv_text}; LeakyReLU gradient from its output")
+    family_text = ("FRN, EvoNorm and BatchRenorm's r and d C++"
+                   if norm_family_kernel(switches) == "cpp" else
+                   "FRN, EvoNorm and BatchRenorm's r and d TensorFlow ops")
+    return (f"kernels: {gn_text}; {bn_text} (BatchRenorm the same); {family_text}; "
+            f"{conv_text}; LeakyReLU gradient from its output")

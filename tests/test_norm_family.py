@@ -5,7 +5,9 @@ Each layer against a float64 NumPy reference written from its paper's formula (o
 gradients against central differences of that reference, in training and in inference); moving
 statistics over several calls and over ghost batches; batch renorm against Keras's renorm with
 fixed clipping and, with r_max = 1 and d_max = 0, against BatchNorm bit for bit; its clipping
-schedule; serialization, mixed precision and export of standard ops; where the model builders put
+schedule; the fast kernels (kernels/norm_family.cc) against the plain references in float32,
+bfloat16 and float16, and where each runs; serialization, mixed precision and export of standard
+ops; where the model builders put
 the norms that carry their own nonlinearity; and the trainer end to end: the four norm types
 train, a batch-renorm run continued from a checkpoint equals one trained straight through, and
 bad flags get one line. Tensors are tiny.
@@ -399,6 +401,175 @@ def test_ghost_batches_compute_what_separate_calls_compute(norm_type):
         _assert_close(gradients[name], sum(s[1][name] for s in slices), 1e-5, name)
     for weight, expected in zip(ghosted.non_trainable_weights, separate.non_trainable_weights):
         _assert_close(weight, expected, 1e-6, weight.name)
+
+
+# The fast kernels against the references ---------------------------------------------------------
+
+# Layers of every form on shapes that split into work units in each way the kernels have (lines of
+# several narrow rows with a short last one, blocks of channels, a rank-2 input), with the weights
+# of `_fast_case_weights`: {name: (layer(dtype policy), input shape, training)}.
+FAST_CASES = {
+    "frn": (lambda dtype: ops.FilterResponseNorm(dtype=dtype), (3, 5, 7, 16), True),
+    "frn without tlu, rank 2": (lambda dtype: ops.FilterResponseNorm(tlu=False, dtype=dtype),
+                                (8, 40), True),
+    "frn learned epsilon": (lambda dtype: ops.FilterResponseNorm(learned_epsilon=0.3,
+                                                                 dtype=dtype), (2, 8, 8, 256), True),
+    "evonorm_s0": (lambda dtype: ops.EvoNormS0(groups=4, epsilon=EPSILON, dtype=dtype),
+                   (3, 5, 7, 16), True),
+    "evonorm_s0 blocks": (lambda dtype: ops.EvoNormS0(channels_per_group=2, epsilon=0.3,
+                                                      dtype=dtype), (2, 8, 8, 256), True),
+    "evonorm_b0 training": (lambda dtype: ops.EvoNormB0(momentum=MOMENTUM, epsilon=EPSILON,
+                                                        dtype=dtype), (3, 5, 7, 16), True),
+    "evonorm_b0 ghost batches": (lambda dtype: ops.EvoNormB0(
+        momentum=MOMENTUM, epsilon=0.3, ghost_batch_size=2, dtype=dtype), (4, 6, 6, 256), True),
+    "evonorm_b0 inference": (lambda dtype: ops.EvoNormB0(epsilon=EPSILON, dtype=dtype),
+                             (2, 8, 8, 256), False),
+    "batch_renorm": (lambda dtype: ops.BatchRenorm(momentum=MOMENTUM, epsilon=EPSILON,
+                                                   dtype=dtype), SHAPE, True),
+}
+# The fast kernels' outputs and gradients against the references': to float32 rounding (1e-5 of
+# the largest value: both sum hundreds of float32 terms, in different orders), and in float16 and
+# bfloat16, where both round float32 values that agree that closely, to one step of the narrow
+# type (its relative spacing).
+FLOAT32_ROUNDING = 1e-5
+SPACING = {"float32": 0.0, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+
+
+@pytest.fixture
+def fast_kernels():
+    """Skips where the family's C++ kernels cannot run (no compiler: see tests/test_kernels.py)."""
+    if kernel_policy.norm_family_kernel(kernel_policy.current()) != "cpp":
+        pytest.skip("the small-batch family's C++ kernels cannot run here")
+
+
+def _fast_case_weights(layer, shape):
+    """Weights away from their initial values: gamma of both signs, the moving statistics of
+    RENORM_MOVING (whose clipping test_the_renorm_case_clips_both_ways checks), a negative eps_l
+    (its absolute value counts)."""
+    channels = shape[-1]
+    values = {"gamma": _channels(1, 0.5, 1.5, channels) * np.resize([1, -1], channels),
+              "beta": _channels(2, -1, 1, channels), "v": _channels(3, 0.3, 1.5, channels),
+              "tau": _channels(4, -0.5, 0.5, channels), "eps_l": np.array(-0.3),
+              "moving_variance": _channels(5, 0.5, 8.0, channels)}
+    if isinstance(layer, ops.BatchRenorm):
+        values.update(RENORM_MOVING)
+    return _set_weights(layer, shape, values)
+
+
+def _run_both_kernels(make, shape, training, dtype):
+    """[(output, {input and weight gradients}, [moving statistics after the call])] of the layer
+    built with the fast kernels and with the plain ones, on the same input in the policy's
+    compute dtype, as float64 arrays."""
+    policy = "float32" if dtype == "float32" else f"mixed_{dtype}"
+    x = tf.cast(_input(shape, seed=80), dtype)
+    upstream = tf.constant(_input(shape, seed=81, loc=0.0, scale=1.0), tf.float32)
+    results = []
+    for fast in (True, False):
+        with kernel_policy.using(fast_ops=fast):
+            layer = _fast_case_weights(make(policy), shape)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+        assert y.dtype == dtype
+        weights = layer.trainable_weights
+        gradients = tape.gradient(loss, [x, *weights])
+        names = ["x", *(w.name for w in weights)]
+        as_float64 = lambda t: np.asarray(tf.cast(t, tf.float64))  # noqa: E731
+        results.append((as_float64(y), {n: as_float64(g) for n, g in zip(names, gradients)},
+                        [as_float64(w) for w in layer.non_trainable_weights]))
+    return results
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", FAST_CASES)
+def test_fast_kernels_compute_the_reference(case, dtype, fast_kernels):
+    """Outputs, the gradients of the input and of every weight, and the moving statistics."""
+    make, shape, training = FAST_CASES[case]
+    (y, gradients, moving), (y_ref, gradients_ref, moving_ref) = _run_both_kernels(
+        make, shape, training, dtype)
+
+    def assert_rounding(got, expected, spacing, name):
+        tolerance = FLOAT32_ROUNDING * np.abs(expected).max() + spacing * np.abs(expected)
+        assert got.shape == expected.shape, name
+        assert np.all(np.abs(got - expected) <= tolerance), (
+            f"{name}: largest difference {np.abs(got - expected).max():.3g}")
+    assert_rounding(y, y_ref, SPACING[dtype], "output")
+    assert_rounding(gradients["x"], gradients_ref["x"], SPACING[dtype], "input gradient")
+    for name in gradients_ref:
+        if name != "x":  # float32 sums of the same narrow values
+            assert_rounding(gradients[name], gradients_ref[name], 0.0, f"{name} gradient")
+    for got, expected in zip(moving, moving_ref):
+        assert_rounding(got, expected, 0.0, "moving statistic")
+
+
+def test_the_fast_cases_take_both_sides_of_each_max(fast_kernels):
+    """The TLU keeps some values and floors others, and EvoNorm-B0 divides some values by the
+    batch's deviation and others by v x + the instance's, so both sides of each max and of its
+    gradient are compared."""
+    x = _input((3, 5, 7, 16), seed=80)
+    frn = _fast_case_weights(ops.FilterResponseNorm(), x.shape)
+    z = np_frn(x, frn.gamma.numpy(), frn.beta.numpy())
+    assert (z >= frn.tau.numpy()).mean() not in (0.0, 1.0)
+    b0 = _fast_case_weights(ops.EvoNormB0(epsilon=EPSILON), x.shape)
+    instance_std = np.sqrt(x.var(axis=(1, 2), keepdims=True) + EPSILON)
+    batch_std = np.sqrt(x.var(axis=(0, 1, 2)) + EPSILON)
+    assert (batch_std >= b0.v.numpy() * x + instance_std).mean() not in (0.0, 1.0)
+
+
+def _op_types(layer, x, training):
+    """The op types of a traced forward and backward pass of `layer`."""
+    @tf.function
+    def forward_backward(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+        return tape.gradient(y, [x, *layer.trainable_weights])
+    graph = forward_backward.get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:  # the custom gradients' bodies
+        types.update(node.op for node in function.node_def)
+    return types
+
+
+@pytest.mark.parametrize("case, kernel_ops", [
+    ("frn", {"GnFilterResponseNorm", "GnFilterResponseNormGrad"}),
+    ("evonorm_s0", {"GnEvoNormS0", "GnEvoNormS0Grad"}),
+    ("evonorm_b0 training", {"GnEvoNormB0", "GnEvoNormB0Grad"}),
+    ("evonorm_b0 inference", {"GnEvoNormB0", "GnEvoNormB0Grad"}),
+    ("batch_renorm", {"GnRenormCorrections"}),
+])
+def test_the_kernel_chosen_is_the_kernel_that_runs(case, kernel_ops, fast_kernels,
+                                                   kernel_switches):
+    """The fast layer runs the family's C++ ops forward and back; inside plain_ops() (export),
+    inside a function XLA compiles whole, and with the C++ kernels or all fast paths switched
+    off, it runs none of them."""
+    make, shape, training = FAST_CASES[case]
+    x = tf.constant(_input(shape, seed=80), tf.float32)
+    assert kernel_ops <= _op_types(make("float32"), x, training)
+    with ops.plain_ops():
+        assert not any(t.startswith("Gn") for t in _op_types(make("float32"), x, training))
+    for switches in ({"cpp_kernels": False}, {"fast_ops": False}):
+        with kernel_policy.using(**switches):
+            layer = make("float32")
+        assert not any(t.startswith("Gn") and t not in ("GnGroupNorm", "GnGroupNormGrad")
+                       for t in _op_types(layer, x, training)), switches
+    layer = _fast_case_weights(make("float32"), shape)
+    compiled = tf.function(lambda x: layer(x, training=False), jit_compile=True)
+    _assert_close(compiled(x), layer(x, training=False), 1e-5, "XLA-compiled")
+
+
+def test_no_second_order_gradients_through_the_kernels(fast_kernels):
+    layer = _fast_case_weights(ops.EvoNormS0(groups=4, epsilon=EPSILON), (3, 5, 7, 16))
+    x = tf.constant(_input((3, 5, 7, 16)), tf.float32)
+    with pytest.raises(NotImplementedError, match="second-order gradients through GnEvoNormS0"):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = layer(x)
+            penalty = tf.reduce_sum(inner.gradient(y, x) ** 2)
+        outer.gradient(penalty, x)
 
 
 # Keras conventions: arguments, serialization, mixed precision, export ----------------------------
