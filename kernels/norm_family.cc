@@ -286,7 +286,8 @@ int Threads(OpKernelContext* context) {
 absl::Status CheckShapes(const Tensor& x, int64_t groups, std::initializer_list<const Tensor*>
                          per_channel) {
   if (x.dims() != 3) return absl::InvalidArgumentError("norm family kernel: x must be [N, S, C]");
-  if (x.dim_size(2) == 0) return absl::InvalidArgumentError("norm family kernel: x has no channels");
+  if (x.dim_size(2) == 0)
+    return absl::InvalidArgumentError("norm family kernel: x has no channels");
   if (x.dim_size(2) % groups != 0)
     return absl::InvalidArgumentError("norm family kernel: channels not divisible by groups");
   for (const Tensor* t : per_channel)
@@ -439,7 +440,8 @@ void ExampleMoments(OpKernelContext* context, const Tensor& x_tensor, std::vecto
 // examples' own (equal counts): the variance is the mean of the examples' variances plus the
 // variance of their means.
 void GhostMoments(const std::vector<double>& mean, const std::vector<double>& variance,
-                  int64_t examples, int64_t channels, int64_t ghosts, std::vector<double>* ghost_mean,
+                  int64_t examples, int64_t channels, int64_t ghosts,
+                  std::vector<double>* ghost_mean,
                   std::vector<double>* ghost_variance) {
   const int64_t per_ghost = examples / ghosts;
   ghost_mean->assign(ghosts * channels, 0.0);
@@ -941,9 +943,9 @@ class EvoNormB0Op : public OpKernel {
         const float* in = Floats(x + i * lines.stride, n, &in_buffer);
         float* out = Target(y + i * lines.stride, &out_buffer);
         Out(out, n) = In(in, n) /
-                          In(floor_line.data(), n)
-                              .max(In(slope_line.data(), n) * In(in, n) + In(shift_line.data(), n)) *
-                          In(scale_line.data(), n) + In(offset_line.data(), n);
+                      In(floor_line.data(), n).max(In(slope_line.data(), n) * In(in, n) +
+                                                   In(shift_line.data(), n)) *
+                      In(scale_line.data(), n) + In(offset_line.data(), n);
         Store(out, n, y + i * lines.stride);
       }
     });

@@ -412,8 +412,8 @@ FAST_CASES = {
     "frn": (lambda dtype: ops.FilterResponseNorm(dtype=dtype), (3, 5, 7, 16), True),
     "frn without tlu, rank 2": (lambda dtype: ops.FilterResponseNorm(tlu=False, dtype=dtype),
                                 (8, 40), True),
-    "frn learned epsilon": (lambda dtype: ops.FilterResponseNorm(learned_epsilon=0.3,
-                                                                 dtype=dtype), (2, 8, 8, 256), True),
+    "frn learned epsilon": (lambda dtype: ops.FilterResponseNorm(
+        learned_epsilon=0.3, dtype=dtype), (2, 8, 8, 256), True),
     "evonorm_s0": (lambda dtype: ops.EvoNormS0(groups=4, epsilon=EPSILON, dtype=dtype),
                    (3, 5, 7, 16), True),
     "evonorm_s0 blocks": (lambda dtype: ops.EvoNormS0(channels_per_group=2, epsilon=0.3,
