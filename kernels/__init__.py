@@ -40,41 +40,45 @@ def compiler():
 NATIVE_FLAGS = ("-march=native", "-mno-avx512fp16", "-ffp-contract=off")
 
 
-def _compile_command(output, native=True):
+def _compile_command(output, native=True, source=None):
     return [compiler(), "-shared", "-fPIC", "-O3", "-w", *(NATIVE_FLAGS if native else ()),
-            *tf.sysconfig.get_compile_flags(), SOURCE, "-o", output,
+            *tf.sysconfig.get_compile_flags(), source or SOURCE, "-o", output,
             *tf.sysconfig.get_link_flags()]
 
 
-def library_path():
-    """build/group_norm-<hash of source, TensorFlow version, compile command and the CPU's
+def library_path(source=None, stem="group_norm"):
+    """build/<stem>-<hash of the source, TensorFlow version, compile command and the CPU's
     instruction sets>.so"""
+    source = source or SOURCE
     digest = hashlib.sha256()
-    with open(SOURCE, "rb") as source:
-        digest.update(source.read())
+    with open(source, "rb") as f:
+        digest.update(f.read())
     digest.update(tf.__version__.encode())
-    digest.update(" ".join(_compile_command("")).encode())
+    digest.update(" ".join(_compile_command("", source=source)).encode())
     digest.update(" ".join(sorted(cpu.this_cpu().flags)).encode())
-    return os.path.join(BUILD_DIR, f"group_norm-{digest.hexdigest()[:16]}.so")
+    return os.path.join(BUILD_DIR, f"{stem}-{digest.hexdigest()[:16]}.so")
 
 
-def build(path):
-    """Compiles the kernels into `path` (through a temporary name, so that an interrupted or
-    concurrent build never leaves a partial library under the final name) and removes the
-    libraries of earlier sources or TensorFlow versions beside it."""
+def build(path, source=None):
+    """Compiles `source` (default: GroupNorm's kernels) into `path` (through a temporary name, so
+    that an interrupted or concurrent build never leaves a partial library under the final name),
+    for this CPU, else for any x86-64, and removes the libraries of earlier sources or TensorFlow
+    versions beside it (those of the same stem, the name before the hash)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(descriptor)
     try:
-        result = subprocess.run(_compile_command(temporary), capture_output=True, text=True)
+        result = subprocess.run(_compile_command(temporary, source=source), capture_output=True,
+                                text=True)
         if result.returncode:
-            result = subprocess.run(_compile_command(temporary, native=False),
+            result = subprocess.run(_compile_command(temporary, native=False, source=source),
                                     capture_output=True, text=True)
         if result.returncode:
             errors = [line for line in result.stderr.splitlines() if "error" in line]
             raise RuntimeError((errors or result.stderr.splitlines() or ["no output"])[0])
         os.replace(temporary, path)
-        for stale in glob.glob(os.path.join(os.path.dirname(path), "group_norm-*.so")):
+        stem = os.path.basename(path).rsplit("-", 1)[0]
+        for stale in glob.glob(os.path.join(os.path.dirname(path), f"{stem}-*.so")):
             if stale != path:
                 os.remove(stale)
     finally:
@@ -82,19 +86,24 @@ def build(path):
             os.remove(temporary)
 
 
-@functools.cache
-def group_norm_library():
-    """The loaded op library (ops `gn_group_norm`, `gn_group_norm_grad`), built if needed; None,
-    after one warning, when it cannot be built or loaded."""
-    path = library_path()
+def load_library(source, stem, without_it):
+    """The op library compiled from `source` (build/<stem>-<hash>.so), built if needed; None,
+    after one warning that says what runs `without_it`, when it cannot be built or loaded."""
+    path = library_path(source, stem)
     try:
         if not os.path.exists(path):
             if shutil.which(compiler()) is None:
                 raise RuntimeError(f"no C++ compiler '{compiler()}' found (install g++ or set CXX)")
-            log.info("compiling GroupNorm's CPU kernels into %s (once, about 20 s)", path)
-            build(path)
+            log.info("compiling %s into %s (once, about 20-30 s)", os.path.basename(source), path)
+            build(path, source)
         return tf.load_op_library(path)
     except (OSError, RuntimeError, tf.errors.NotFoundError) as error:
-        log.warning("GroupNorm runs its slower TensorFlow-op kernels: the C++ kernels could not "
-                    "be built (%s)", error)
+        log.warning("%s: the C++ kernels could not be built (%s)", without_it, error)
         return None
+
+
+@functools.cache
+def group_norm_library():
+    """The loaded op library (ops `gn_group_norm`, `gn_group_norm_grad`), built if needed; None,
+    after one warning, when it cannot be built or loaded."""
+    return load_library(SOURCE, "group_norm", "GroupNorm runs its slower TensorFlow-op kernels")

@@ -10,82 +10,23 @@ and build folder), as build/norm_family-<hash>.so; where it cannot be built or l
 logs one warning and returns None, and the layers run their references.
 """
 import functools
-import glob
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 
 import tensorflow as tf
 
 import kernels
-from kernels import cpu
 from kernels import group_norm
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "norm_family.cc")
 DTYPES = (tf.float32, tf.bfloat16, tf.float16)
 
 
-def _compile_command(output, native=True):
-    return [kernels.compiler(), "-shared", "-fPIC", "-O3", "-w",
-            *(kernels.NATIVE_FLAGS if native else ()), *tf.sysconfig.get_compile_flags(), SOURCE,
-            "-o", output, *tf.sysconfig.get_link_flags()]
-
-
-def library_path():
-    """build/norm_family-<hash of source, TensorFlow version, compile command and the CPU's
-    instruction sets>.so"""
-    digest = hashlib.sha256()
-    with open(SOURCE, "rb") as source:
-        digest.update(source.read())
-    digest.update(tf.__version__.encode())
-    digest.update(" ".join(_compile_command("")).encode())
-    digest.update(" ".join(sorted(cpu.this_cpu().flags)).encode())
-    return os.path.join(kernels.BUILD_DIR, f"norm_family-{digest.hexdigest()[:16]}.so")
-
-
-def build(path):
-    """Compiles the kernels into `path` through a temporary name (for this CPU, else for any
-    x86-64, as GroupNorm's) and removes the libraries of earlier sources beside it."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-    os.close(descriptor)
-    try:
-        result = subprocess.run(_compile_command(temporary), capture_output=True, text=True)
-        if result.returncode:
-            result = subprocess.run(_compile_command(temporary, native=False),
-                                    capture_output=True, text=True)
-        if result.returncode:
-            errors = [line for line in result.stderr.splitlines() if "error" in line]
-            raise RuntimeError((errors or result.stderr.splitlines() or ["no output"])[0])
-        os.replace(temporary, path)
-        for stale in glob.glob(os.path.join(os.path.dirname(path), "norm_family-*.so")):
-            if stale != path:
-                os.remove(stale)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 @functools.cache
 def library():
-    """The loaded op library, built if needed; None, after one warning, when it cannot be built
-    or loaded."""
-    path = library_path()
-    try:
-        if not os.path.exists(path):
-            if shutil.which(kernels.compiler()) is None:
-                raise RuntimeError(f"no C++ compiler '{kernels.compiler()}' found (install g++ "
-                                   "or set CXX)")
-            kernels.log.info("compiling the small-batch normalizers' CPU kernels into %s (once, "
-                             "about 30 s)", path)
-            build(path)
-        return tf.load_op_library(path)
-    except (OSError, RuntimeError, tf.errors.NotFoundError) as error:
-        kernels.log.warning("FilterResponseNorm, EvoNorm and BatchRenorm's corrections run their "
-                            "TensorFlow ops: their C++ kernels could not be built (%s)", error)
-        return None
+    """The loaded op library, built if needed (kernels.load_library); None, after one warning,
+    when it cannot be built or loaded."""
+    return kernels.load_library(SOURCE, "norm_family", "FilterResponseNorm, EvoNorm and "
+                                "BatchRenorm's corrections run their TensorFlow ops")
 
 
 def as_kernel_input(inputs):
