@@ -140,12 +140,17 @@ def gpu_visible():
     return bool(tf.config.list_logical_devices("GPU"))
 
 
+def _cpp_ops_run(switches, library):
+    """Whether a C++ op library's kernels run here: switched on, no GPU that would have to hand
+    its tensors to them, not inside a function XLA compiles whole, and `library()` built."""
+    return (switches.fast_ops and switches.cpp_kernels and not gpu_visible()
+            and not in_xla_function() and library() is not None)
+
+
 def cpp_kernels_run(switches, dtype):
-    """Whether GroupNorm's C++ kernels take a tensor of `dtype` here: switched on, built, no GPU
-    that would have to hand its tensors to them, not inside a function XLA compiles whole."""
-    return (switches.fast_ops and switches.cpp_kernels and dtype in group_norm.CPP_KERNEL_DTYPES
-            and not gpu_visible() and not in_xla_function()
-            and kernels.group_norm_library() is not None)
+    """Whether GroupNorm's C++ kernels take a tensor of `dtype` here (`_cpp_ops_run`)."""
+    return dtype in group_norm.CPP_KERNEL_DTYPES and _cpp_ops_run(switches,
+                                                                   kernels.group_norm_library)
 
 
 def cpp_kernels_available():
@@ -225,10 +230,7 @@ def norm_family_kernel(switches):
     corrections r and d where BatchNorm's kernels normalize it (any input dtype: the kernels take
     float32, bfloat16 and float16, and the layers cast others to float32, as their references
     do)."""
-    if (switches.fast_ops and switches.cpp_kernels and not gpu_visible()
-            and not in_xla_function() and norm_family.library() is not None):
-        return "cpp"
-    return "plain"
+    return "cpp" if _cpp_ops_run(switches, norm_family.library) else "plain"
 
 
 def conv_kernel(switches, input_shape, kernel_shape, strides, dtypes):
