@@ -94,12 +94,8 @@ class GroupNorm(keras.layers.Layer):
         self.epsilon = epsilon
         self.center = center
         self.scale = scale
-        self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.gamma_initializer = keras.initializers.get(gamma_initializer)
-        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
-        self.beta_constraint = keras.constraints.get(beta_constraint)
-        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        _set_affine_arguments(self, beta_initializer, gamma_initializer, beta_regularizer,
+                              gamma_regularizer, beta_constraint, gamma_constraint)
         self.supports_masking = True
         self.autocast = False  # the statistics see the input as it arrives; `call` casts after
         self._switches = policy.current()
@@ -148,15 +144,9 @@ class GroupNorm(keras.layers.Layer):
 
     def get_config(self):
         """Keras's GroupNormalization's keys, and channels_per_group where it sizes the groups."""
-        serialize = keras.saving.serialize_keras_object
         config = {**super().get_config(), "groups": self.groups, "axis": self.axis,
                   "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
-                  "beta_initializer": serialize(self.beta_initializer),
-                  "gamma_initializer": serialize(self.gamma_initializer),
-                  "beta_regularizer": serialize(self.beta_regularizer),
-                  "gamma_regularizer": serialize(self.gamma_regularizer),
-                  "beta_constraint": serialize(self.beta_constraint),
-                  "gamma_constraint": serialize(self.gamma_constraint)}
+                  **_affine_config(self)}
         if self.channels_per_group is not None:
             config.update(groups=None, channels_per_group=self.channels_per_group)
         return config
@@ -173,6 +163,28 @@ def from_keras_group_norm(model):
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights(model.get_weights())
     return clone
+
+
+# The Keras arguments of a norm's scale gamma and offset beta, by the module that reads each kind.
+AFFINE_ARGUMENT_KINDS = {"initializer": keras.initializers, "regularizer": keras.regularizers,
+                         "constraint": keras.constraints}
+
+
+def _set_affine_arguments(layer, beta_initializer, gamma_initializer, beta_regularizer,
+                          gamma_regularizer, beta_constraint, gamma_constraint):
+    """Sets `layer`'s beta_/gamma_ initializer, regularizer and constraint from Keras's
+    identifiers (names, configs or objects)."""
+    given = locals()
+    for name, module in AFFINE_ARGUMENT_KINDS.items():
+        for weight in ("beta", "gamma"):
+            setattr(layer, f"{weight}_{name}", module.get(given[f"{weight}_{name}"]))
+
+
+def _affine_config(layer):
+    """The get_config entries of `layer`'s beta_/gamma_ arguments (_set_affine_arguments')."""
+    return {f"{weight}_{name}": keras.saving.serialize_keras_object(
+                getattr(layer, f"{weight}_{name}"))
+            for name in AFFINE_ARGUMENT_KINDS for weight in ("beta", "gamma")}
 
 
 def _is_integer(value):
@@ -611,12 +623,8 @@ class _AffineNorm(keras.layers.Layer):
                  gamma_constraint=None, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon
-        self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.gamma_initializer = keras.initializers.get(gamma_initializer)
-        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
-        self.beta_constraint = keras.constraints.get(beta_constraint)
-        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        _set_affine_arguments(self, beta_initializer, gamma_initializer, beta_regularizer,
+                              gamma_regularizer, beta_constraint, gamma_constraint)
         self.autocast = False
         self._switches = policy.current()
 
@@ -645,14 +653,7 @@ class _AffineNorm(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        serialize = keras.saving.serialize_keras_object
-        return {**super().get_config(), "epsilon": self.epsilon,
-                "beta_initializer": serialize(self.beta_initializer),
-                "gamma_initializer": serialize(self.gamma_initializer),
-                "beta_regularizer": serialize(self.beta_regularizer),
-                "gamma_regularizer": serialize(self.gamma_regularizer),
-                "beta_constraint": serialize(self.beta_constraint),
-                "gamma_constraint": serialize(self.gamma_constraint)}
+        return {**super().get_config(), "epsilon": self.epsilon, **_affine_config(self)}
 
 
 def _positions(x):
